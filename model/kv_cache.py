@@ -1,0 +1,47 @@
+"""A preallocated key/value cache: one buffer per layer, written in place, never concatenated."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype=torch.float32, device=None):
+        shape = (batch, n_kv_heads, max_len, head_dim)  # (B, KV, S_max, hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pos = 0  # slots [0, pos) hold keys/values
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KV, T, hd) at [pos, pos + T) of this layer; return the filled prefix (B, KV, pos + T, hd)."""
+        T = k.shape[2]
+        end = self.pos + T
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, T: int):
+        self.pos += T
+
+    def repeat_interleave(self, n: int, max_len: int | None = None) -> "KVCache":
+        """A new cache whose row b*n + j is a copy of row b (group sampling: one prefill, n continuations)."""
+        max_len = max_len or self.max_len
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = [], []
+        for buf_k, buf_v in zip(self.k, self.v):
+            B, KV, _, hd = buf_k.shape
+            nk = buf_k.new_zeros(B * n, KV, max_len, hd)
+            nv = buf_v.new_zeros(B * n, KV, max_len, hd)
+            nk[:, :, :self.pos] = buf_k[:, :, :self.pos].repeat_interleave(n, dim=0)
+            nv[:, :, :self.pos] = buf_v[:, :, :self.pos].repeat_interleave(n, dim=0)
+            out.k.append(nk)
+            out.v.append(nv)
+        out.pos, out.max_len = self.pos, max_len
+        return out

@@ -1,0 +1,235 @@
+"""A decoder-only transformer for the Llama / Qwen2 / Qwen3 families, written out in one file.
+
+Parameter names are exactly those of Hugging Face's *ForCausalLM classes, so checkpoints load by name.
+Notation: B batch, T new tokens in this call, S key positions (cache + new), H query heads, KV key/value heads,
+D hidden size, hd head dim, V vocabulary (embedding rows).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+try:  # optional fused kernels on CUDA; SDPA everywhere else
+    from flash_attn import flash_attn_func
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_func = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as the reference implementation does)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, with Llama 3 / linear scaling when configured. (hd/2,)"""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    if sc["rope_type"] == "linear":
+        return inv / float(sc["factor"])
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend in between
+    factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_ctx = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    medium = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+    return torch.where(medium, blended, out)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, KV, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KV, S, hd), views into the preallocated buffers
+        if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) \
+                and isinstance(mask, str):
+            # flash-attn aligns the causal mask bottom-right, right for a prefill or a decode step alike
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask == "causal")
+            y = y.reshape(B, T, -1)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask if torch.is_tensor(mask) else None,
+                is_causal=mask == "causal", enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, F_ = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(F_, D, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Holds the HF `model.` prefix: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    # ---- construction helpers -------------------------------------------------------------------------------
+    def reset_rope(self):
+        """Recompute the RoPE buffer (after building on the meta device)."""
+        device = self.model.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.config, device=device)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random init for models trained from scratch (tests, toys); pretrained weights come from the loader."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, w.dtype, w.device)
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
+                num_logits_to_keep: int = 0, return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, V) (or the last `num_logits_to_keep` positions).
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for padding over ALL key positions, i.e. the cache
+            contents followed by these T tokens (S = kv_cache.pos + T), as in Hugging Face.
+        position_ids: (B, T); by default cumsum(attention_mask) - 1 (right for left padding), else past + arange(T).
+        kv_cache: keys/values of these tokens are written at kv_cache.pos and the cache advances by T.
+        return_hidden: return the final normalised hidden states (B, T, D) instead of logits (for chunked heads).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        dev = input_ids.device
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(dev, torch.bool)
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
+
+        mask = self._attention_mask(attention_mask, past, T, dev)
+
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2) fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _attention_mask(attention_mask, past: int, T: int, dev):
+        """'causal' (let the kernel build it), None (a single query sees every key), or a bool (B, 1, T, S) mask."""
+        if attention_mask is None or bool(attention_mask.all()):
+            if past == 0:
+                return "causal" if T > 1 else None
+            if T == 1:
+                return None
+        S = past + T
+        q_pos = torch.arange(past, S, device=dev)[:, None]  # (T, 1) absolute query positions
+        k_pos = torch.arange(S, device=dev)[None, :]  # (1, S)
+        allowed = k_pos <= q_pos  # (T, S) causal
+        if attention_mask is not None:
+            allowed = allowed[None] & attention_mask[:, None, :]  # (B, T, S)
+        # a padding query would see no key at all and SDPA would return NaN: let it see itself
+        allowed = allowed | (k_pos == q_pos)
+        return allowed.expand(attention_mask.shape[0] if attention_mask is not None else 1, T, S)[:, None]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
