@@ -1,0 +1,74 @@
+"""The DUET environment: a (user, item, rating) target from train -> the joint profile prompt; the completion is
+parsed into a user and an item profile; the frozen recommender rates the item from them and the user's ten most
+recent interactions; reward = 1 - |y - y_hat| / 4, or the format-failure reward when a tag is missing."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+
+from data import load_dataset
+from data.history import HistoryIndex
+from eval.recommender import Recommender
+from eval.reward import rating_reward
+
+from . import profiles as P
+
+
+class DuetEnv:
+    def __init__(self, ds, tokenizer, recommender: Recommender, opt: P.HistoryOptions, max_prompt_tokens: int,
+                 max_new_tokens: int, val_examples: int, seed: int = 0, min_user_history: int = 5):
+        self.ds, self.hx, self.tok, self.rec, self.opt = ds, HistoryIndex(ds), tokenizer, recommender, opt
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+        # targets with enough history for a profile to say something
+        self.train = [x for x in ds.split("train")
+                      if len(self.hx.user_history(x.user_id, x.timestamp, min_user_history)) >= min_user_history]
+        if not self.train:
+            raise ValueError("no training target has enough user history; is the dataset empty?")
+        valid = list(ds.split("valid"))
+        random.Random(seed).shuffle(valid)
+        self.valid = valid[:val_examples]
+        self._ids: dict[int, list[int]] = {}
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, rec_model, rec_tokenizer, d):
+        from data.default import default_dataset_dir
+
+        ds = load_dataset(cfg.data or default_dataset_dir())
+        rec = Recommender(rec_model, rec_tokenizer, batch_size=cfg.micro_batch_rows, device=d.device)
+        opt = P.HistoryOptions(cfg.user_history, cfg.item_history, cfg.review_chars)
+        return cls(ds, tokenizer, rec, opt, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.val_examples, cfg.seed)
+
+    def num_prompts(self) -> int:
+        return len(self.train)
+
+    def episode(self, index: int):
+        from .envs import Episode
+
+        x = self.train[index]
+        if index not in self._ids:
+            msgs = P.profile_messages("duet", self.hx, x.user_id, x.item_id, x.timestamp, self.opt,
+                                      P._title(self.ds, x.item_id))
+            self._ids[index] = P.prompt_ids(self.tok, msgs, self.max_prompt_tokens)
+        return Episode(self._ids[index], {"target": x})
+
+    def score(self, episodes, completions, texts, d=None):
+        G = len(texts) // len(episodes)
+        targets = [episodes[r // G].meta["target"] for r in range(len(texts))]
+        parsed = [P.parse_profile("duet", t) for t in texts]
+        examples = [P.rec_example(self.hx, self.ds, x.user_id, x.item_id, x.timestamp, *(p or ("", "")),
+                                  review_chars=self.opt.review_chars) for x, (p, _) in zip(targets, parsed)]
+        y_hat, _ = self.rec.score(examples)  # every row, failed ones too: the same forwards on every rank
+        y = torch.tensor([x.rating for x in targets], dtype=torch.float32)
+        failed = torch.tensor([p is None for p, _ in parsed])
+        rewards = torch.as_tensor(rating_reward(y, y_hat.float().cpu(), failed=None), dtype=torch.float32)
+        ok = ~failed
+        reasons = Counter(reason.split(":")[0] for p, reason in parsed if p is None)
+        info = {"pred_mae": float((y - y_hat.cpu())[ok].abs().mean()) if ok.any() else float("nan")}
+        info.update({f"fail_{k.replace(' ', '_')[:30]}": v / len(texts) for k, v in reasons.most_common(3)})
+        return rewards, failed, info
+
+    def validate(self, policy, tokenizer, d) -> dict:
+        return P.validate(policy, tokenizer, self.rec, self.ds, self.hx, self.valid, "duet", self.opt, d,
+                          self.max_new_tokens, self.max_prompt_tokens)

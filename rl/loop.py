@@ -1,0 +1,121 @@
+"""What GRPO and DPO training share: the data order, the models, the optimizer, and the outer loop with
+logging, validation, checkpoints and resume. A trainer supplies only its `step` and `validate` functions."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import load_model, load_tokenizer
+
+from . import checkpoints as C
+from . import distributed as D
+from .config import save_config
+from .optim import make_optimizer, make_scheduler
+from .tracking import Tracker
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
+    """Pool indices of a step's global batch: consecutive slices of one seeded permutation per epoch, so the
+    order depends only on (seed, step): a resumed run sees exactly the batches it would have seen."""
+    orders: dict[int, list[int]] = {}
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        e = pos // n
+        if e not in orders:
+            orders[e] = epoch_order(n, e, seed)
+        out.append(orders[e][pos % n])
+    return out
+
+
+def rank_share(n_global: int, mini: int, d: D.Dist) -> list[int]:
+    """Positions in the global batch that this rank handles: its slice of every mini-batch, so that a global
+    mini-batch is the same set of examples whatever the number of ranks."""
+    if n_global % mini or mini % d.world:
+        raise ValueError(f"batch {n_global} must be a multiple of the mini-batch {mini}, "
+                         f"itself a multiple of the world size {d.world}")
+    per = mini // d.world
+    return [mb + d.rank * per + i for mb in range(0, n_global, mini) for i in range(per)]
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    tokenizer: object
+    rec_model: torch.nn.Module
+    rec_tokenizer: object
+
+
+def build_models(model_src: str, recommender: str, resume_from: Path | None, activation_checkpointing: bool,
+                 d: D.Dist) -> Models:
+    """Policy (fp32 master weights; bf16 compute on CUDA through FSDP's policy), frozen reference, recommender.
+
+    The reference is the starting model, frozen (eval mode, no grad, no optimizer state); `recommender ==
+    'reference'` makes it the recommender too, so one frozen copy serves both.
+    """
+    tokenizer = load_tokenizer(model_src)
+    policy = load_model(str(resume_from / "model") if resume_from else model_src, dtype=torch.float32,
+                        device=d.device)
+    policy.gradient_checkpointing = activation_checkpointing
+    frozen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    reference = load_model(model_src, dtype=frozen_dtype, device=d.device).requires_grad_(False)
+    policy, reference = D.shard(policy, d), D.shard(reference, d)
+    if recommender == "reference":
+        return Models(policy, reference, tokenizer, reference, tokenizer)
+    rec = D.shard(load_model(recommender, dtype=frozen_dtype, device=d.device).requires_grad_(False), d)
+    return Models(policy, reference, tokenizer, rec, load_tokenizer(recommender))
+
+
+def run(cfg, d: D.Dist, models: Models, resume_from: Path | None, updates_per_step: int, step_fn, validate_fn,
+        progress_keys: dict[str, str], preset: str | None = None, desc: str = "train") -> dict:
+    """The outer loop: optimizer + schedule, resume, then for each step: step_fn -> log -> validate -> checkpoint.
+
+    step_fn(step, optimizer, scheduler, tracker) -> metrics dict (floats, identical on every rank)
+    validate_fn() -> metrics dict
+    """
+    run_dir = Path(cfg.run_dir)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps * updates_per_step, cfg.max_steps * updates_per_step,
+                               cfg.lr_schedule)
+    start = C.load_training_state(resume_from, models.policy, optimizer, scheduler, d)["step"] if resume_from else 0
+    tracker = Tracker(run_dir, enabled=d.is_main)
+    if preset:
+        tracker.text("config", f"preset: {preset}\n\n{dataclasses.asdict(cfg)}", start)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.is_main, desc=desc,
+               dynamic_ncols=True)
+    last: dict = {}
+    for step in bar:
+        last = step_fn(step, optimizer, scheduler, tracker)
+        done = step + 1
+        tracker.scalars(last, done, prefix="train/")
+        bar.set_postfix({short: f"{last[k]:.4g}" for k, short in progress_keys.items() if k in last})
+        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.max_steps):
+            val = validate_fn()
+            tracker.scalars(val, done, prefix="val/")
+            last.update({f"val_{k}": v for k, v in val.items()})
+        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):
+            C.save(run_dir, done, models.policy, models.tokenizer, optimizer, scheduler,
+                   {"config": dataclasses.asdict(cfg)}, d, keep=cfg.keep_checkpoints)
+    tracker.close()
+    return last
+
+
+def resume_point(cfg) -> Path | None:
+    if not cfg.resume:
+        return None
+    ckpt = C.latest_checkpoint(cfg.run_dir)
+    if ckpt is None:
+        print(f"--resume: no checkpoint under {cfg.run_dir}/checkpoints, starting from step 0")
+    return ckpt

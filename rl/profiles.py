@@ -1,0 +1,110 @@
+"""Profile prompts -> profiles -> recommender scores: the pieces the DUET env, LettinGo and validation share.
+
+A "style" is how the profile writer is prompted and its answer parsed: "duet" (joint user/item profile with
+cue and constructed prompt) or a baseline of the paper's appendix A.2 ("kar", "palr", "rlmrec", "lg").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data.prompts import BASELINE_PROMPTS, PARSERS, duet_messages, parse_duet
+from eval.recommender import RecExample
+
+from . import distributed as D
+
+RECENT = 10  # the recommender sees the user's ten most recent interactions (DUET, paper 3.1)
+
+
+@dataclass
+class HistoryOptions:
+    user_history: int = 30  # interactions shown to the profile writer
+    item_history: int = 10
+    review_chars: int = 200
+
+
+def profile_messages(style: str, hx, user_id: str, item_id: str, t: int, opt: HistoryOptions, item_title: str):
+    """Chat messages asking for the profile(s) of (user, item) at time t; only interactions before t are used."""
+    uh = hx.user_history(user_id, t, opt.user_history, review_chars=opt.review_chars)
+    if style == "duet":
+        ih = hx.item_history(item_id, t, opt.item_history, exclude_user=user_id, review_chars=opt.review_chars)
+        return duet_messages(uh, ih, hx.user_average(user_id, t), hx.item_average(item_id, t), item_title)
+    if style not in BASELINE_PROMPTS:
+        raise ValueError(f"unknown profile style {style!r}: duet, {', '.join(BASELINE_PROMPTS)}")
+    return BASELINE_PROMPTS[style](uh)
+
+
+def parse_profile(style: str, text: str):
+    """-> ((user_profile, item_profile or None) | None, reason)."""
+    if style == "duet":
+        parsed, reason = parse_duet(text)
+        return (None, reason) if parsed is None else ((parsed.user_profile, parsed.item_profile), reason)
+    profile, reason = PARSERS[style](text)
+    return (None, reason) if profile is None else ((profile, None), reason)
+
+
+def rec_example(hx, ds, user_id, item_id, t, user_profile, item_profile, review_chars=200) -> RecExample:
+    item = ds.items.get(item_id)
+    return RecExample(hx.user_history(user_id, t, RECENT, review_chars=review_chars), user_profile,
+                      item.title if item else item_id, item_profile)
+
+
+def prompt_ids(tokenizer, messages, max_tokens: int) -> list[int]:
+    ids = tokenizer.encode_chat(messages)
+    if len(ids) > max_tokens:
+        raise ValueError(f"profile prompt of {len(ids)} tokens exceeds max_prompt_tokens={max_tokens}; "
+                         "lower --user-history / --review-chars or raise the limit")
+    return ids
+
+
+def pad_to_world(items: list, d: D.Dist) -> tuple[list, int]:
+    """This rank's equal-sized share of `items` (the last share padded by repeating the final element, so every
+    rank runs the same number of forward passes), and how many of its entries are real."""
+    per = -(-len(items) // d.world)
+    mine = items[d.rank * per:(d.rank + 1) * per]
+    real = len(mine)
+    mine = mine + [items[-1]] * (per - real)
+    return mine, real
+
+
+@torch.no_grad()
+def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: HistoryOptions, d: D.Dist,
+             max_new_tokens: int, max_prompt_tokens: int) -> dict:
+    """Greedy profiles for a fixed list of (user, item, rating, t) targets -> MAE, RMSE, Acc, F1, reward.
+
+    Format failures are counted apart (not in MAE); the reward counts them at -1, as in training.
+    """
+    from eval.metrics import rating_metrics
+    from eval.reward import rating_reward
+    from model.sampler import generate
+
+    mine, real = pad_to_world(list(targets), d)
+    prompts = [prompt_ids(tokenizer, profile_messages(style, hx, x.user_id, x.item_id, x.timestamp, opt,
+                                                      _title(ds, x.item_id)), max_prompt_tokens) for x in mine]
+    policy.eval()
+    with D.gathered(policy):
+        out = generate(policy, prompts, max_new_tokens, temperature=0.0, eos_ids=tokenizer.eos_ids,
+                       pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled)
+    texts = [tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()) for r in range(len(mine))]
+    parsed = [parse_profile(style, t)[0] for t in texts]
+    examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or ("", None)), opt.review_chars)
+                for x, p in zip(mine, parsed)]
+    y_hat, _ = recommender.score(examples)  # failed rows are scored too (same work on every rank), then ignored
+    rows = [(x.rating, float(y), p is None) for x, y, p in zip(mine[:real], y_hat[:real].tolist(), parsed[:real])]
+    rows = [r for part in D.all_gather_objects(rows, d) for r in part]
+    ok = [(y, yh) for y, yh, f in rows if not f]
+    failures = sum(f for _, _, f in rows)
+    m = rating_metrics([y for y, _ in ok], [yh for _, yh in ok], failures=failures) if ok else \
+        {"format_failures": failures, "n": 0}
+    rewards = rating_reward(torch.tensor([r[0] for r in rows], dtype=torch.float32),
+                            torch.tensor([r[1] for r in rows], dtype=torch.float32),
+                            failed=torch.tensor([r[2] for r in rows]))
+    m["reward"] = float(torch.as_tensor(rewards).mean())
+    m["format_failure_rate"] = failures / max(1, len(rows))
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def _title(ds, item_id):
+    item = ds.items.get(item_id)
+    return item.title if item else item_id

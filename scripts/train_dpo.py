@@ -1,0 +1,25 @@
+"""LettinGo: explore candidate profiles, score them, build preference pairs, train the profile writer with DPO.
+
+    python scripts/train_dpo.py                                    # cpu-demo: all stages, synthetic data
+    python scripts/train_dpo.py --stage explore --explorers smollm2-135m-instruct Qwen/Qwen3-0.6B
+    torchrun --nproc_per_node=8 scripts/train_dpo.py --preset lettingo-paper --data data/music --stage train
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rl.config import parse_config  # noqa: E402
+from rl.dpo_trainer import PRESETS, DPOConfig, main as run  # noqa: E402
+
+
+def main(argv=None):
+    cfg, preset = parse_config(DPOConfig, PRESETS, argv, default_preset="cpu-demo")
+    final = run(cfg, preset)
+    if final:
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in final.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""GRPO training of DUET profile writers.
+
+    python scripts/train_grpo.py                                   # cpu-demo: synthetic data, SmolLM2-135M
+    torchrun --nproc_per_node=8 scripts/train_grpo.py --preset duet-paper --data data/music --run-dir runs/music
+    python scripts/train_grpo.py --run-dir runs/grpo --resume       # continue from the last checkpoint
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rl.config import parse_config  # noqa: E402
+from rl.grpo_trainer import PRESETS, GRPOConfig, train  # noqa: E402
+
+
+def main(argv=None):
+    cfg, preset = parse_config(GRPOConfig, PRESETS, argv, default_preset="cpu-demo")
+    final = train(cfg, preset)
+    if final:
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in final.items()}))
+
+
+if __name__ == "__main__":
+    main()
