@@ -181,17 +181,16 @@ def prepare(source, reviews, out, meta=None, oracle=None, kcore=5, valid_frac=0.
 
 
 def _write_interactions(path, spill_path, c, rows, split, user_ids, item_ids):
-    names = SPLITS
+    """One JSON line per kept row, in `rows` order; review texts are read back from the spill file."""
+    cols = [c[k][rows].tolist() for k in ("u", "i", "r", "t", "off", "len")]
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
     with open(spill_path, "rb") as sf, open(path, "w", encoding="utf-8") as f:
         mm = mmap.mmap(sf.fileno(), 0, access=mmap.ACCESS_READ) if spill_path.stat().st_size else b""
         try:
-            dumps = json.JSONEncoder(ensure_ascii=False).encode
             buf = []
-            for row, s in zip(rows.tolist(), split.tolist()):
-                o, n = int(c["off"][row]), int(c["len"][row])
-                buf.append(dumps({"user_id": user_ids[c["u"][row]], "item_id": item_ids[c["i"][row]],
-                                  "rating": int(c["r"][row]), "timestamp": int(c["t"][row]),
-                                  "review": mm[o:o + n].decode("utf-8"), "split": names[s]}))
+            for u, i, r, t, o, n, s in zip(*cols, split.tolist()):
+                buf.append(dumps({"user_id": user_ids[u], "item_id": item_ids[i], "rating": r, "timestamp": t,
+                                  "review": mm[o:o + n].decode("utf-8"), "split": SPLITS[s]}))
                 if len(buf) >= 10000:
                     f.write("\n".join(buf) + "\n")
                     buf = []

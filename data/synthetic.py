@@ -10,7 +10,7 @@ Model (deterministic from the seed):
   to 1..5 (mean near 4.2, skewed to 5 as on Amazon);
 - review: an opener matching the rating, sentences on the item's attributes that say in words whether the
   user likes or dislikes them (each attribute mentioned with probability MENTION), and filler.
-- exposure bias, which makes the long history necessary: every user's timeline spans the whole period; the
+- exposure bias, which makes the long history necessary: every user's timeline (45-90 interactions) spans the whole period; the
   COMFORT interactions just before the evaluation period (the last `1 - eval_frac` share of all timestamps) are
   drawn only from items without a disliked attribute, so a last-10 window shows almost no dislike; the earlier
   ("exploration") and evaluation-period interactions are drawn broadly, dislikes included.
@@ -108,7 +108,7 @@ def review_text(prng, rating, attrs, liked, disliked):
     return " ".join(out)
 
 
-def generate(raw_dir, seed=0, n_users=300, n_items=400, min_per_user=40, max_per_user=90, eval_frac=0.2,
+def generate(raw_dir, seed=0, n_users=300, n_items=400, min_per_user=45, max_per_user=90, eval_frac=0.2,
              compresslevel=6):
     """Write reviews_Synthetic.json.gz, meta_Synthetic.json.gz and oracle_profiles.jsonl under raw_dir.
     Returns a dict of the three paths and the number of reviews."""
