@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
             torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
             full_state = {**state, "step": step, "scheduler": scheduler.state_dict()}
             (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=2, sort_keys=True, default=str))
+            _fault_injection_pause()
             if out.exists():  # a re-run of the same step: replace it
                 shutil.rmtree(out)
             os.replace(tmp, out)
@@ -70,6 +72,13 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
     if d.enabled:
         torch.distributed.barrier()
     return out
+
+
+def _fault_injection_pause():
+    """Tests set PROFILES_CHECKPOINT_PAUSE (seconds) to kill a run while a checkpoint is half-written."""
+    pause = float(os.environ.get("PROFILES_CHECKPOINT_PAUSE", "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
 
 
 def load_training_state(ckpt: Path, model, optimizer, scheduler, d: D.Dist) -> dict:

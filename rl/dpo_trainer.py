@@ -73,6 +73,8 @@ class DPOConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: bool = False
+    stop_after: int = field(default=0, metadata={"help": "end this session after N steps (the schedule still "
+                                                         "spans max_steps); continue later with --resume"})
     val_every: int = 10
     val_examples: int = 32
     log_text_every: int = 10
@@ -244,7 +246,7 @@ def dpo_step(step, cfg, models: L.Models, encoded, pairs, ref, optimizer, schedu
         loss, m = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                            loss_type=cfg.loss_type, global_pairs=cfg.pairs_per_step)
         (loss * d.world).backward()  # FSDP averages gradients over ranks; the loss already sums over them
-        sums += torch.tensor([float(loss) if k == "loss" else float(m[k]) * len(idx) for k in keys],
+        sums += torch.tensor([float(loss.detach()) if k == "loss" else float(m[k]) * len(idx) for k in keys],
                              dtype=torch.float64)
     gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     optimizer.step()

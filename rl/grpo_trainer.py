@@ -70,6 +70,8 @@ class GRPOConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: bool = False
+    stop_after: int = field(default=0, metadata={"help": "end this session after N steps (the schedule still "
+                                                         "spans max_steps); continue later with --resume"})
     val_every: int = 10
     val_examples: int = 32
     log_text_every: int = 5

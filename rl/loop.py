@@ -93,7 +93,8 @@ def run(cfg, d: D.Dist, models: Models, resume_from: Path | None, updates_per_st
     tracker = Tracker(run_dir, enabled=d.is_main)
     if preset:
         tracker.text("config", f"preset: {preset}\n\n{dataclasses.asdict(cfg)}", start)
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.is_main, desc=desc,
+    end = min(cfg.max_steps, start + cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    bar = tqdm(range(start, end), initial=start, total=cfg.max_steps, disable=not d.is_main, desc=desc,
                dynamic_ncols=True)
     last: dict = {}
     for step in bar:
@@ -105,7 +106,7 @@ def run(cfg, d: D.Dist, models: Models, resume_from: Path | None, updates_per_st
             val = validate_fn()
             tracker.scalars(val, done, prefix="val/")
             last.update({f"val_{k}": v for k, v in val.items()})
-        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):
+        if cfg.save_every and (done % cfg.save_every == 0 or done in (cfg.max_steps, end)):
             C.save(run_dir, done, models.policy, models.tokenizer, optimizer, scheduler,
                    {"config": dataclasses.asdict(cfg)}, d, keep=cfg.keep_checkpoints)
     tracker.close()

@@ -1,0 +1,144 @@
+"""LettinGo / DPO end to end on a tiny chat model: masks with a known answer, learning on toy pairs, FSDP two
+ranks equal one process, resume equals an uninterrupted run, and the explore -> score -> pairs stages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import load_model, load_tokenizer
+from rl.config import parse_config
+from rl.dpo_trainer import PRESETS, DPOConfig, main, pair_logprobs
+from rl.lettingo import read_jsonl, select_pairs, write_jsonl_atomic
+from rl.tracking import read_metrics
+from tests.tiny import tiny_chat_model, tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return tiny_chat_model(base / "model"), tiny_dataset(base / "data")
+
+
+def toy_pairs(data_dir, n_users=6):
+    """Each user: chosen = a fixed happy sentence, rejected = a fixed sad one (the policy must learn to prefer)."""
+    from data import load_dataset
+
+    ds = load_dataset(data_dir)
+    users = sorted({x.user_id for x in ds.split("train")})[:n_users]
+    t = {u: max(x.timestamp for x in ds.split("train") if x.user_id == u) for u in users}
+    return [{"user_id": u, "t_cut": t[u], "chosen": "Lily was happy and she smiled.",
+             "rejected": "Tom was sad and he cried.", "chosen_score": 0.9, "rejected_score": 0.4,
+             "chosen_from": "toy", "rejected_from": "toy"} for u in users]
+
+
+def args_for(model, data, run_dir, *extra):
+    return ["--model", str(model), "--data", str(data), "--run-dir", str(run_dir), "--stage", "train",
+            "--pairs-per-step", "4", "--micro-batch-pairs", "2", "--user-history", "3", "--review-chars", "30",
+            "--max-new-tokens", "32", "--max-prompt-tokens", "4096", "--val-every", "0", "--device", "cpu",
+            "--lr", "1e-3", *extra]
+
+
+def write_pairs(run_dir, data):
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(Path(run_dir) / "pairs.jsonl", toy_pairs(data))
+
+
+def run_script(args, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    res = subprocess.run([*pre, str(ROOT / "scripts/train_dpo.py"), *args], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_pair_logprobs_known_answer(tiny):
+    """Summed log-probs of chosen/rejected in a padded batch == an unpadded single-sequence computation."""
+    model, _ = tiny
+    m = load_model(model)
+    tok = load_tokenizer(model)
+    prompts = [tok.encode("Once upon a time"), tok.encode("The dog")]
+    chosen = [tok.encode("there was a cat", add_special_tokens=False) + [2], tok.encode("ran", add_special_tokens=False) + [2]]
+    rejected = [tok.encode("big", add_special_tokens=False) + [2], tok.encode("was very very sad", add_special_tokens=False) + [2]]
+    encoded = list(zip(prompts, chosen, rejected))
+    with torch.no_grad():
+        pc, pr = pair_logprobs(m, encoded, [0, 1])
+        for i in range(2):
+            for comp, got in ((chosen[i], pc[i]), (rejected[i], pr[i])):
+                seq = torch.tensor([prompts[i] + comp])
+                logp = torch.log_softmax(m(seq)[0].float(), -1)  # (T, V)
+                P = len(prompts[i])
+                # token at position P + j is predicted by the logits at P + j - 1
+                want = sum(logp[P + j - 1, t] for j, t in enumerate(comp))
+                assert abs(float(got) - float(want)) < 1e-4
+
+
+def test_dpo_learns_toy_pairs(tiny, tmp_path):
+    model, data = tiny
+    write_pairs(tmp_path, data)
+    cfg = parse_config(DPOConfig, PRESETS, args_for(model, data, tmp_path, "--max-steps", "12", "--save-every", "0"))[0]
+    main(cfg)
+    ms = read_metrics(tmp_path)
+    assert len(ms) == 12
+    assert ms[0]["train/reward_margin"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert ms[-1]["train/reward_accuracy"] == 1.0 and ms[-1]["train/reward_margin"] > 1.0
+    assert ms[-1]["train/loss"] < 0.5 * ms[0]["train/loss"]
+
+
+def test_dpo_fsdp_and_resume(tiny, tmp_path):
+    model, data = tiny
+    for name in ("one", "two", "split"):
+        write_pairs(tmp_path / name, data)
+    common = ["--max-steps", "4", "--save-every", "2", "--lr-schedule", "cosine"]
+    run_script(args_for(model, data, tmp_path / "one", *common))
+    run_script(args_for(model, data, tmp_path / "two", *common), nproc=2)
+    run_script(args_for(model, data, tmp_path / "split", *common, "--stop-after", "2"))
+    run_script(args_for(model, data, tmp_path / "split", *common, "--resume"))
+    w = {n: load_file(str(tmp_path / n / "checkpoints/step_4/model/model.safetensors")) for n in ("one", "two", "split")}
+    assert max((w["one"][k] - w["two"][k]).abs().max() for k in w["one"]) <= 1e-5
+    assert all(torch.equal(w["one"][k], w["split"][k]) for k in w["one"])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for a, b in zip(one, two):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5
+
+
+def test_select_pairs_modes():
+    rows = [{"user_id": "u", "candidate": i, "reward": r, "profile": f"p{i}", "explorer": "m", "style": "lg",
+             "temperature": 1.0} for i, r in enumerate([0.5, 0.9, 0.7])]
+    rows.append({**rows[0], "user_id": "v", "candidate": 9})  # a single candidate: no pair
+    bw = select_pairs(rows, "best-worst", 0.0)
+    assert [(p["chosen"], p["rejected"]) for p in bw] == [("p1", "p0")]
+    allp = select_pairs(rows, "all", 0.15)
+    assert sorted((p["chosen"], p["rejected"]) for p in allp) == [("p1", "p0"), ("p1", "p2"), ("p2", "p0")]
+    assert select_pairs(rows, "best-worst", 0.5) == []
+
+
+def test_stages_explore_score_pairs(tiny, tmp_path):
+    """The data stages on the tiny model; each writes its file, and a stage alone resumes from the previous one."""
+    model, data = tiny
+    base = ["--model", str(model), "--explorers", str(model), "--data", str(data), "--run-dir", str(tmp_path),
+            "--users", "4", "--heldout", "2", "--min-history", "3", "--styles", "lg", "kar",
+            "--temperatures", "0.8", "1.5", "--samples", "2", "--user-history", "3", "--review-chars", "30",
+            "--max-new-tokens", "16", "--max-prompt-tokens", "4096", "--device", "cpu", "--pair-margin", "0"]
+    cfg = parse_config(DPOConfig, PRESETS, base + ["--stage", "explore"])[0]
+    main(cfg)
+    cands = read_jsonl(tmp_path / "candidates.jsonl", "explore")
+    assert len(cands) == 4 * 2 * 2 * 2  # users x styles x temperatures x samples
+    assert {c["style"] for c in cands} == {"lg", "kar"} and all(c["explorer"] == str(model) for c in cands)
+    main(parse_config(DPOConfig, PRESETS, base + ["--stage", "score"])[0])
+    scores = read_jsonl(tmp_path / "scores.jsonl", "score")
+    assert scores and all(0 <= s["mae"] <= 4 and s["n_heldout"] == 2 for s in scores)
+    main(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])
+    pairs = read_jsonl(tmp_path / "pairs.jsonl", "pairs")
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    # a stage whose input is missing names the file and the stage to run
+    (tmp_path / "scores.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="scores.jsonl.*score"):
+        main(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])

@@ -1,0 +1,33 @@
+"""Tiny real models and datasets for pipeline tests (fast on a CPU)."""
+import json
+import shutil
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES = SHARED / "models" / "stories260K"
+
+# a minimal chat template, so the 260K TinyStories model can stand in for an instruct model
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>\n{% endif %}")
+
+
+def tiny_chat_model(dest: Path) -> Path:
+    dest = Path(dest)
+    if not (dest / "config.json").exists():
+        shutil.copytree(STORIES, dest, dirs_exist_ok=True)
+        cfg = json.loads((dest / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = CHAT_TEMPLATE
+        (dest / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return dest
+
+
+def tiny_dataset(dest: Path, users: int = 30, items: int = 50, seed: int = 0) -> Path:
+    from data.process import prepare
+    from data.synthetic import generate
+
+    dest = Path(dest)
+    if not (dest / "manifest.json").exists():
+        files = generate(dest.parent / f"{dest.name}_raw", seed=seed, n_users=users, n_items=items,
+                         min_per_user=20, max_per_user=30)
+        prepare("synthetic", files["reviews"], dest, meta=files["meta"], oracle=files["oracle"], overwrite=True)
+    return dest
