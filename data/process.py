@@ -91,6 +91,11 @@ def read_oracle(path, keep_users):
     return out
 
 
+def _input(role, path):
+    p = Path(path)
+    return {"role": role, "path": str(p), "name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+
+
 def prepare(source, reviews, out, meta=None, oracle=None, kcore=5, valid_frac=0.1, test_frac=0.1,
             last_days=None, max_bad_frac=0.01, overwrite=False, progress=False, log=_log):
     """Run the whole pipeline and write the canonical directory `out` atomically. Returns the manifest."""
@@ -110,8 +115,7 @@ def prepare(source, reviews, out, meta=None, oracle=None, kcore=5, valid_frac=0.
             c, user_ids, item_ids, rev_rep = read_reviews(reviews, src.parse_review, spill, max_bad_frac, progress, log)
         counts["raw_reviews"] = len(c["u"])
         counts["bad_review_lines"] = rev_rep["bad"]
-        inputs.append({"role": "reviews", "name": Path(reviews).name, "bytes": Path(reviews).stat().st_size,
-                       "sha256": sha256_file(reviews)})
+        inputs.append(_input("reviews", reviews))
         keep = np.ones(len(c["u"]), dtype=bool)
 
         # item metadata; reviews of items missing from it are dropped (Yelp: business not in the business file)
@@ -125,8 +129,7 @@ def prepare(source, reviews, out, meta=None, oracle=None, kcore=5, valid_frac=0.
             counts["dropped_missing_item"] = int(len(keep) - keep.sum())
             if counts["dropped_missing_item"]:
                 log(f"warning: dropped {counts['dropped_missing_item']} reviews whose item is missing from {meta}")
-            inputs.append({"role": "items", "name": Path(meta).name, "bytes": Path(meta).stat().st_size,
-                           "sha256": sha256_file(meta)})
+            inputs.append(_input("items", meta))
 
         keep &= window_mask(c["t"], last_days)
         counts["after_window"] = int(keep.sum())
@@ -162,8 +165,7 @@ def prepare(source, reviews, out, meta=None, oracle=None, kcore=5, valid_frac=0.
             with open(tmp / "oracle_profiles.jsonl", "w", encoding="utf-8") as f:
                 for d in read_oracle(oracle, kept_users):
                     f.write(json.dumps(d, ensure_ascii=False) + "\n")
-            inputs.append({"role": "oracle", "name": Path(oracle).name, "bytes": Path(oracle).stat().st_size,
-                           "sha256": sha256_file(oracle)})
+            inputs.append(_input("oracle", oracle))
         manifest = {
             "format_version": FORMAT_VERSION, "source": source,
             "options": {"kcore": kcore, "valid_frac": valid_frac, "test_frac": test_frac, "last_days": last_days,
@@ -180,22 +182,20 @@ def prepare(source, reviews, out, meta=None, oracle=None, kcore=5, valid_frac=0.
     return manifest
 
 
-def _write_interactions(path, spill_path, c, rows, split, user_ids, item_ids):
-    """One JSON line per kept row, in `rows` order; review texts are read back from the spill file."""
-    cols = [c[k][rows].tolist() for k in ("u", "i", "r", "t", "off", "len")]
+def _write_interactions(path, spill_path, c, rows, split, user_ids, item_ids, chunk=100_000):
+    """One JSON line per kept row, in `rows` order; review texts are read back from the spill file.
+    Rows go in chunks, so only `chunk` rows are ever Python objects at once."""
     dumps = json.JSONEncoder(ensure_ascii=False).encode
     with open(spill_path, "rb") as sf, open(path, "w", encoding="utf-8") as f:
         mm = mmap.mmap(sf.fileno(), 0, access=mmap.ACCESS_READ) if spill_path.stat().st_size else b""
         try:
-            buf = []
-            for u, i, r, t, o, n, s in zip(*cols, split.tolist()):
-                buf.append(dumps({"user_id": user_ids[u], "item_id": item_ids[i], "rating": r, "timestamp": t,
-                                  "review": mm[o:o + n].decode("utf-8"), "split": SPLITS[s]}))
-                if len(buf) >= 10000:
-                    f.write("\n".join(buf) + "\n")
-                    buf = []
-            if buf:
-                f.write("\n".join(buf) + "\n")
+            for a in range(0, len(rows), chunk):
+                part = rows[a:a + chunk]
+                cols = [c[k][part].tolist() for k in ("u", "i", "r", "t", "off", "len")]
+                f.write("".join(
+                    dumps({"user_id": user_ids[u], "item_id": item_ids[i], "rating": r, "timestamp": t,
+                           "review": mm[o:o + n].decode("utf-8"), "split": SPLITS[s]}) + "\n"
+                    for u, i, r, t, o, n, s in zip(*cols, split[a:a + chunk].tolist())))
         finally:
             if isinstance(mm, mmap.mmap):
                 mm.close()

@@ -44,3 +44,12 @@ def format_stats(st, name=""):
         s = st[name_]
         lines.append(f"{name_:<6} {s['interactions']:>9,} interactions {s['users']:>7,} users {s['items']:>7,} items")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m data.stats DIR: the table of a canonical directory
+    import sys
+
+    from data.canonical import load_dataset
+    for d in sys.argv[1:]:
+        ds = load_dataset(d)
+        print(format_stats(dataset_stats(ds), ds.manifest.get("source", "")))

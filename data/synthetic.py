@@ -10,12 +10,14 @@ Model (deterministic from the seed):
   to 1..5 (mean near 4.2, skewed to 5 as on Amazon);
 - review: an opener matching the rating, sentences on the item's attributes that say in words whether the
   user likes or dislikes them (each attribute mentioned with probability MENTION), and filler.
-- exposure bias, which makes the long history necessary: every user's timeline (45-90 interactions) spans the whole period; the
-  COMFORT interactions just before the evaluation period (the last `1 - eval_frac` share of all timestamps) are
-  drawn only from items without a disliked attribute, so a last-10 window shows almost no dislike; the earlier
-  ("exploration") and evaluation-period interactions are drawn broadly, dislikes included.
+- exposure bias, which makes the long history necessary: every user's timeline (45-90 interactions) spans
+  the whole period; the COMFORT interactions just before the evaluation period (the last `eval_frac` share of
+  all timestamps, matching the split) are drawn only from items without a disliked attribute, so a last-10
+  window shows almost no dislike; the earlier ("exploration") and evaluation-period interactions are drawn
+  broadly, dislikes included (about 20% of train and 25% of test interactions touch a disliked attribute).
 """
 import gzip
+import io
 import json
 import random
 import time
@@ -108,6 +110,11 @@ def review_text(prng, rating, attrs, liked, disliked):
     return " ".join(out)
 
 
+def _gz_text(path, compresslevel):
+    """gzip text writer with mtime 0 in the header, so the same seed gives byte-identical files."""
+    return io.TextIOWrapper(gzip.GzipFile(path, "wb", compresslevel=compresslevel, mtime=0), encoding="utf-8")
+
+
 def generate(raw_dir, seed=0, n_users=300, n_items=400, min_per_user=45, max_per_user=90, eval_frac=0.2,
              compresslevel=6):
     """Write reviews_Synthetic.json.gz, meta_Synthetic.json.gz and oracle_profiles.jsonl under raw_dir.
@@ -126,10 +133,10 @@ def generate(raw_dir, seed=0, n_users=300, n_items=400, min_per_user=45, max_per
              "oracle": raw / "oracle_profiles.jsonl"}
     tmp = {k: p.with_name(p.name + ".tmp") for k, p in paths.items()}
     n_written = 0
-    with gzip.open(tmp["meta"], "wt", encoding="utf-8", compresslevel=compresslevel) as f:
+    with _gz_text(tmp["meta"], compresslevel) as f:
         for d in metas:
             f.write(repr(d) + "\n")
-    with gzip.open(tmp["reviews"], "wt", encoding="utf-8", compresslevel=compresslevel) as fr, \
+    with _gz_text(tmp["reviews"], compresslevel) as fr, \
             open(tmp["oracle"], "w", encoding="utf-8") as fo:
         for uidx, (u, ts) in enumerate(zip(users, times)):
             uid = f"U{uidx:06d}"
