@@ -112,9 +112,8 @@ class BiasedMF:
 
     With valid_triples, each (factors, reg) runs up to max_epochs ALS sweeps, stopping after `patience` sweeps
     without a better valid RMSE, and keeps its best sweep. Without valid_triples, the first grid point is
-    used with max_epochs sweeps. Predictions are clipped to
-    [lo, hi]. After fit, `best` holds the chosen (factors, reg, epochs) and its valid RMSE, `grid_results`
-    every configuration tried.
+    used with max_epochs sweeps. Predictions are clipped to [lo, hi]. After fit, `best` holds the chosen
+    (factors, reg, epochs) and its valid RMSE, `grid_results` every configuration tried.
     """
 
     def __init__(self, factors=(8, 32), regs=(1.0, 3.0, 10.0, 30.0), max_epochs: int = 25, patience: int = 3,
@@ -137,7 +136,8 @@ class BiasedMF:
         return pred.clamp(self.lo, self.hi)
 
     def _train(self, u, i, r, k, reg, epochs, valid=None):
-        """ALS from a seeded init; returns params at the best valid epoch (or the last) and the trace."""
+        """ALS from a seeded init. Returns (valid RMSE, epoch, (bu, bi, P, Q)) at the best valid sweep (the last
+        sweep, with RMSE NaN, when there is no valid set)."""
         g = torch.Generator().manual_seed(self.seed)
         nU, nI = len(self.user_index), len(self.item_index)
         P = torch.randn(nU, k, generator=g, dtype=torch.float64) * self.init_std  # (U, k)
