@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampler import generate
+from model.sampler import generate, row_seed
 
 from . import distributed as D
 from . import loop as L
@@ -145,8 +145,8 @@ def grpo_step(step, cfg: GRPOConfig, models: L.Models, env, optimizer, scheduler
     with torch.no_grad(), D.gathered(policy):
         out = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, n=G, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id,
-                       vocab_limit=tokenizer.vocab_size, seed=cfg.seed * 1_000_003 + step,
-                       prompt_offsets=mine, sync_ranks=d.enabled)
+                       vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled,
+                       seeds=[row_seed(cfg.seed * 1_000_003 + step, p, j) for p in mine for j in range(G)])
     lengths = out.lengths.tolist()
     completions = [out.tokens[r, :lengths[r]].tolist() for r in range(len(lengths))]
     texts = [tokenizer.decode(c) for c in completions]
