@@ -1,8 +1,7 @@
 """The sampler against transformers' greedy generate, a full forward pass, brute force and itself row by row."""
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -241,13 +240,21 @@ def test_fsdp_ranks_run_the_same_number_of_steps(tmp_path):
 
 
 # ---- the script ---------------------------------------------------------------------------------------------------
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_generate_script(tmp_path, stories):
     _, tok = stories
+    script = load_script("generate")
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(json.dumps({"prompt": t, "id": i}) for i, t in enumerate(TEXTS)) + "\n")
-    cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(STORIES), "--input", str(inp),
-           "--output", str(out), "--max-new-tokens", "12", "--temperature", "0.7", "--n", "2", "--top-k", "40"]
-    subprocess.run(cmd + ["--batch-size", "3"], check=True, capture_output=True)
+    args = ["--model", str(STORIES), "--input", str(inp), "--output", str(out), "--max-new-tokens", "12",
+            "--temperature", "0.7", "--n", "2", "--top-k", "40"]
+    script.main(args + ["--batch-size", "3"])
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == [0, 1, 2, 3]
     for x in lines:
@@ -255,11 +262,12 @@ def test_generate_script(tmp_path, stories):
         assert x["text"] == [tok.decode(ids) for ids in x["token_ids"]]
         assert all(0 < len(ids) <= 12 for ids in x["token_ids"])
     first = out.read_text()
-    subprocess.run(cmd + ["--batch-size", "1"], check=True, capture_output=True)  # seeds follow the line
+    script.main(args + ["--batch-size", "1"])  # seeds follow the line, not the batch
     assert out.read_text() == first
     inp.write_text('{"prompt": "ok"}\n{"messages": "not a list"}\n')
-    bad = subprocess.run(cmd, capture_output=True, text=True)
-    assert bad.returncode != 0 and "in.jsonl:2" in bad.stderr
+    with pytest.raises(ValueError, match="in.jsonl:2"):
+        script.main(args)
+    assert out.read_text() == first  # a failed run leaves the old output alone
 
 
 # ---- SmolLM2-135M-Instruct (skipped without it) -------------------------------------------------------------------
