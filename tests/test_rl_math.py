@@ -1,0 +1,316 @@
+"""rl/ math against hand-computed values (plain python math), brute force and torch's own log_softmax."""
+
+import math
+
+import pytest
+import torch
+
+from rl.dpo import dpo_loss, sequence_logprob
+from rl.grpo import aggregate, group_advantages, grpo_loss, kl_k3, policy_loss
+from rl.logprobs import completion_mask, sequence_loss_mask, shift_for_causal_lm, token_entropy, token_logprobs
+
+
+def close(a, b, tol=1e-6):
+    a, b = (float(v.detach()) if torch.is_tensor(v) else float(v) for v in (a, b))
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+def test_token_logprobs_hand_values():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])  # (1, 2, 3)
+    tokens = torch.tensor([[2, 0]])
+    lp = token_logprobs(logits, tokens)
+    assert lp.shape == (1, 2) and lp.dtype == torch.float32
+    assert close(lp[0, 0], 3.0 - math.log(math.e**1 + math.e**2 + math.e**3))
+    assert close(lp[0, 1], -math.log(3.0))
+    # temperature 2: softmax(logits / 2)
+    lp2 = token_logprobs(logits, tokens, temperature=2.0)
+    assert close(lp2[0, 0], 1.5 - math.log(math.exp(0.5) + math.exp(1.0) + math.exp(1.5)))
+    # entropy of uniform over 3 is log 3; of softmax(1,2,3) by hand
+    H = token_entropy(logits)
+    p = [math.exp(v) / (math.e + math.e**2 + math.e**3) for v in (1, 2, 3)]
+    assert close(H[0, 0], -sum(q * math.log(q) for q in p))
+    assert close(H[0, 1], math.log(3.0))
+
+
+def test_token_logprobs_matches_log_softmax_chunked_bf16_and_grad():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 11, generator=g) * 3
+    tokens = torch.randint(0, 11, (5, 7), generator=g)
+    ref = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    for chunk in (None, 1, 2, 5):
+        assert torch.allclose(token_logprobs(logits, tokens, 0.7, chunk_size=chunk), ref, atol=1e-5)
+    ent_ref = -(torch.softmax(logits / 0.7, -1) * torch.log_softmax(logits / 0.7, -1)).sum(-1)
+    assert torch.allclose(token_entropy(logits, 0.7, chunk_size=2), ent_ref, atol=1e-5)
+    # bf16 logits: computed in fp32 from the bf16 values, the caller's tensor is not modified
+    lb = logits.bfloat16()
+    before = lb.clone()
+    out = token_logprobs(lb, tokens, 0.7, chunk_size=2)
+    assert out.dtype == torch.float32 and torch.equal(lb, before)
+    ref_b = torch.log_softmax(lb.float() / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert torch.allclose(out, ref_b, atol=1e-5)
+    # gradient equals that of the log_softmax formulation
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    token_logprobs(a, tokens, 0.7, chunk_size=2).sum().backward()
+    torch.log_softmax(b / 0.7, -1).gather(-1, tokens[..., None]).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, tokens, temperature=0.0)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, tokens[:, :3])
+
+
+def test_completion_mask_padding_and_pad_equals_eos():
+    EOS = 2
+    toks = torch.tensor(
+        [
+            [5, 6, EOS, EOS, EOS],  # pad == eos: first EOS in, padding out
+            [5, 6, 7, 8, 9],  # no EOS (cut at the limit): all in
+            [EOS, EOS, EOS, EOS, EOS],  # immediate EOS: only it
+            [5, 3, 6, 0, 0],  # second EOS id 3; pad 0 after it
+        ]
+    )
+    m = completion_mask(toks, eos_ids=[EOS, 3], pad_id=EOS)
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    # masking by pad id (the pitfall) would have dropped the real EOS of row 0:
+    assert (toks[0] != EOS).float().tolist() == [1, 1, 0, 0, 0]
+    # a pad id distinct from EOS is masked even in a row without EOS
+    m2 = completion_mask(torch.tensor([[5, 6, 0, 0]]), eos_ids=EOS, pad_id=0)
+    assert m2.tolist() == [[1, 1, 0, 0]]
+
+
+def test_shift_known_answer_bigram_model():
+    """Logits at t predict token t + 1: a bigram model makes the sequence log-prob a known sum."""
+    V = 4
+    W = torch.tensor([[0.0, 1.0, 2.0, 0.5], [1.0, 0.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0], [2.0, 0.0, 1.0, 0.0]])
+
+    def bigram_logits(ids):  # (B, T) -> (B, T, V): logits at t depend only on token t
+        return W[ids]
+
+    def bigram_lp(prev, nxt):  # log softmax(W[prev])[nxt] by hand
+        return W[prev][nxt].item() - math.log(sum(math.exp(v) for v in W[prev].tolist()))
+
+    # prompt [1, 2], completion [3, 0] whose last token 0 is the EOS, then padding with 0 (pad == eos)
+    ids = torch.tensor([[1, 2, 3, 0, 0, 0], [2, 1, 1, 0, 0, 0]])
+    prompt_lens, total_lens = torch.tensor([2, 1]), torch.tensor([4, 4])
+    full_mask = sequence_loss_mask(prompt_lens, total_lens, ids.shape[1])
+    assert full_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]]
+    targets, mask = shift_for_causal_lm(ids, full_mask)
+    assert targets.tolist() == [[2, 3, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    logits = bigram_logits(ids)[:, :-1]  # (B, T-1, V)
+    seq = sequence_logprob(token_logprobs(logits, targets), mask)
+    assert close(seq[0], bigram_lp(2, 3) + bigram_lp(3, 0), 1e-5)  # p(3 | 2) p(EOS | 3)
+    assert close(seq[1], bigram_lp(2, 1) + bigram_lp(1, 1) + bigram_lp(1, 0), 1e-5)
+
+
+def test_dpo_chosen_rejected_shifted_masks_known_answer():
+    """DPO batches: same prompt, chosen and rejected profiles of different lengths, right-padded, pad == EOS."""
+    EOS = 9
+    prompt = [4, 5, 6]
+    chosen = prompt + [7, 8, 7, EOS]
+    rejected = prompt + [8, EOS]
+    T = len(chosen)
+    ids = torch.tensor([chosen, rejected + [EOS] * (T - len(rejected))])
+    gen_mask = completion_mask(ids[:, len(prompt):], eos_ids=EOS, pad_id=EOS)  # (2, T - 3)
+    full = torch.cat([torch.zeros(2, len(prompt)), gen_mask], 1)
+    assert full.tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]]
+    assert torch.equal(full, sequence_loss_mask([3, 3], [7, 5], T))
+    targets, mask = shift_for_causal_lm(ids, full)
+    # logits positions 2..5 predict 7, 8, 7, EOS for chosen; positions 2..3 predict 8, EOS for rejected
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
+    assert [t for t, m in zip(targets[0].tolist(), mask[0].tolist()) if m] == [7, 8, 7, EOS]
+    assert [t for t, m in zip(targets[1].tolist(), mask[1].tolist()) if m] == [8, EOS]
+
+
+# ---------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_hand_values_and_equal_group():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1])
+    adv, m = group_advantages(r, group_size=4, eps=1e-6)
+    std = math.sqrt((0.25 + 0.25 + 0 + 0) / 3)  # sample std of [1, 0, .5, .5]
+    want = [0.5 / (std + 1e-6), -0.5 / (std + 1e-6), 0.0, 0.0, 0, 0, 0, 0]
+    assert all(close(a, w) for a, w in zip(adv.tolist(), want))
+    assert torch.isfinite(adv).all() and adv[4:].abs().max() == 0  # equal rewards: exactly 0, no NaN
+    assert close(m["zero_std_frac"], 0.5)
+    assert close(m["reward_mean"], sum(r.tolist()) / 8)
+    # Dr. GRPO: no std scaling
+    adv2, _ = group_advantages(r, 4, scale_by_std=False)
+    assert all(close(a, w, 1e-6) for a, w in zip(adv2.tolist(), [0.5, -0.5, 0, 0, 0, 0, 0, 0]))
+    # all groups constant, and G = 1
+    a3, m3 = group_advantages(torch.full((6,), 0.3), 3)
+    assert torch.equal(a3, torch.zeros(6)) and close(m3["zero_std_frac"], 1.0)
+    a4, _ = group_advantages(torch.tensor([0.2, 0.9]), 1)
+    assert torch.equal(a4, torch.zeros(2))
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(7), 4)
+
+
+def test_policy_loss_hand_values_clip_fractions():
+    lr = [0.3, -0.3, 0.1, -0.5, 7.0]  # log-ratios; last token masked
+    A = [[1.0, -1.0, -2.0, 1.0, 5.0]]
+    old = torch.zeros(1, 5)
+    logp = torch.tensor([lr], requires_grad=True)
+    mask = torch.tensor([[1.0, 1, 1, 1, 0]])
+    loss, m = policy_loss(logp, old, torch.tensor(A), mask, clip_low=0.2, clip_high=0.2)
+    r = [math.exp(x) for x in lr]
+    # token 0: A=1, r=1.35 > 1.2 -> -1.2 (clipped high); token 1: A=-1, r=.741 < .8 -> 0.8 (clipped low)
+    # token 2: A=-2, r=1.105 -> 2 * 1.105 (unclipped); token 3: A=1, r=.607 -> -.607 (unclipped)
+    per = [-1.2, 0.8, 2 * r[2], -r[3]]
+    assert close(loss, sum(per) / 4)
+    assert close(m["clip_frac_high"], 0.25) and close(m["clip_frac_low"], 0.25)
+    assert close(m["ratio_mean"], sum(r[:4]) / 4) and close(m["ratio_max"], r[0])
+    loss.backward()
+    # d/dlogp: clipped tokens 0; unclipped -A r / n
+    want = [0.0, 0.0, 2 * r[2] / 4, -r[3] / 4, 0.0]
+    assert all(close(g, w) for g, w in zip(logp.grad[0].tolist(), want))
+    # asymmetric clip (DAPO clip-higher): 1.35 < 1.4 no longer clipped
+    loss2, m2 = policy_loss(torch.tensor([lr]), old, torch.tensor(A), mask, clip_low=0.2, clip_high=0.4)
+    assert close(loss2, (-r[0] + 0.8 + 2 * r[2] - r[3]) / 4) and close(m2["clip_frac_high"], 0.0)
+
+
+def test_extreme_ratio_is_clamped_finite_loss_and_grad():
+    logp = torch.tensor([[0.0, 0.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1e4, 1e4, float("nan")]])  # huge ratio, tiny ratio, garbage on a masked position
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.tensor([-1.0])  # negative: the unclipped branch -A r is active for the huge ratio
+    ref = torch.tensor([[1e4, -1e4, float("-inf")]])
+    loss, m = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    k3_hi = math.exp(20) - 20 - 1  # ref - logp = 1e4 clamped to 20
+    k3_lo = math.exp(-20) + 20 - 1
+    want = (math.exp(20) + 0.8) / 2 + 0.1 * (k3_hi + k3_lo) / 2  # token 1: r = e^-20 < .8 with A<0 -> 0.8
+    assert close(loss, want, 1e-5)
+    assert close(m["ratio_max"], math.exp(20), 1e-5)
+    assert close(m["clip_frac_low"], 0.5)
+
+
+def test_kl_k3_hand_values():
+    logp = torch.tensor([[0.0, 0.0, 0.0, -3.0]])
+    ref = torch.tensor([[0.5, -0.5, 0.0, -3.0 + 100.0]])
+    kl = kl_k3(logp, ref)
+    want = [math.exp(0.5) - 0.5 - 1, math.exp(-0.5) + 0.5 - 1, 0.0, math.exp(20) - 20 - 1]
+    assert all(close(a, w, 1e-6) for a, w in zip(kl[0].tolist(), want))
+    g = torch.Generator().manual_seed(1)
+    assert (kl_k3(torch.randn(50, generator=g) * 5, torch.randn(50, generator=g) * 5) >= 0).all()
+
+
+def test_aggregate_modes_hand_values():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert close(aggregate(x, mask), (1 + 2 + 3 + 4) / 4)  # NaN under the mask is ignored
+    assert close(aggregate(x, mask, global_tokens=10), 10 / 10)
+    assert close(aggregate(x, mask, "seq-mean-token-mean"), (2.0 + 4.0) / 2)
+    assert close(aggregate(x, mask, "seq-mean-token-mean", global_seqs=4), 6.0 / 4)
+    assert close(aggregate(x, torch.zeros(2, 3)), 0.0)  # no token: 0, not NaN
+    with pytest.raises(ValueError):
+        aggregate(x, mask, "sum")
+
+
+def test_grpo_loss_combines_terms():
+    g = torch.Generator().manual_seed(3)
+    logp = torch.randn(3, 4, generator=g) - 2
+    old = logp + 0.1 * torch.randn(3, 4, generator=g)
+    ref = logp + 0.3 * torch.randn(3, 4, generator=g)
+    adv = torch.tensor([1.0, -0.5, 0.0])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    pg, _ = policy_loss(logp, old, adv, mask)
+    # hand: per-token k3 from plain python, token-mean over 9 tokens
+    kls = [math.exp(r - l) - (r - l) - 1 for r, l, mm in zip(ref.flatten().tolist(), logp.flatten().tolist(), mask.flatten().tolist()) if mm]
+    loss, m = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.05)
+    assert close(loss, pg.item() + 0.05 * sum(kls) / 9, 1e-5)
+    assert close(m["kl"], sum(kls) / 9, 1e-5)
+    loss0, m0 = grpo_loss(logp, old, None, adv, mask, kl_coef=0.05)
+    assert close(loss0, pg) and "kl" not in m0
+    loss1, _ = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.0)
+    assert close(loss1, pg)
+    assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_gradient_accumulation_equals_full_batch(mode):
+    """k micro-batches with the GLOBAL token (or sequence) count give the full-batch gradient."""
+    torch.manual_seed(0)
+    B, T, D, V = 6, 5, 8, 13
+    policy = torch.nn.Linear(D, V)
+    x = torch.randn(B, T, D)
+    tokens = torch.randint(0, V, (B, T))
+    lens = torch.tensor([5, 1, 3, 2, 4, 5])
+    mask = sequence_loss_mask(torch.zeros(B, dtype=torch.long), lens, T)
+    with torch.no_grad():
+        old = token_logprobs(policy(x), tokens, 0.9) + 0.2 * torch.randn(B, T)
+        ref = old + 0.2 * torch.randn(B, T)
+    adv = torch.randn(B)
+
+    def loss_of(sl, **kw):
+        logp = token_logprobs(policy(x[sl]), tokens[sl], 0.9)
+        return grpo_loss(logp, old[sl], ref[sl], adv[sl], mask[sl], kl_coef=0.1, loss_agg_mode=mode, **kw)[0]
+
+    policy.zero_grad()
+    loss_of(slice(0, B)).backward()
+    full = [p.grad.clone() for p in policy.parameters()]
+
+    policy.zero_grad()
+    splits = [slice(0, 1), slice(1, 4), slice(4, 6)]  # uneven micro-batches
+    kw = {"global_tokens": mask.sum()} if mode == "token-mean" else {"global_seqs": B}
+    total = sum(loss_of(sl, **kw).item() for sl in splits)
+    policy.zero_grad()
+    for sl in splits:
+        loss_of(sl, **kw).backward()
+    acc = [p.grad.clone() for p in policy.parameters()]
+    assert close(total, loss_of(slice(0, B)).item(), 1e-6)
+    for a, f in zip(acc, full):
+        assert torch.allclose(a, f, atol=1e-6, rtol=0)
+
+    # the pitfall: dividing each micro-batch by its own count and averaging does not give the same gradient
+    policy.zero_grad()
+    for sl in splits:
+        (loss_of(sl) / len(splits)).backward()
+    if mode == "token-mean":
+        assert not torch.allclose(policy.weight.grad, full[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------- DPO
+
+
+def test_dpo_loss_hand_values_and_variants():
+    pc, pr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.8, -2.0])
+    h = [(-1 + 2) - (-1.5 + 1.8), (-3 + 1) - (-2 + 2)]  # [0.7, -2.0]
+    sp = lambda z: math.log1p(math.exp(-z))  # -log sigmoid(z)
+    loss, m = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert close(loss, (sp(0.07) + sp(-0.2)) / 2)
+    assert close(m["rewards_chosen"], (0.1 * 0.5 + 0.1 * -1.0) / 2)
+    assert close(m["rewards_rejected"], (0.1 * -0.2 + 0.1 * 1.0) / 2)
+    assert close(m["reward_accuracy"], 0.5)  # pair 0: .05 > -.02 yes; pair 1: -.1 > .1 no
+    assert close(m["reward_margin"], (0.07 + -0.2) / 2)
+    assert close(m["logps_chosen"], -2.0) and close(m["logps_rejected"], -1.5)
+    # conservative DPO
+    ls = 0.1
+    loss_ls, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=ls)
+    want = sum((1 - ls) * sp(0.1 * x) + ls * sp(-0.1 * x) for x in h) / 2
+    assert close(loss_ls, want)
+    # IPO
+    loss_ipo, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")
+    assert close(loss_ipo, ((0.7 - 5) ** 2 + (-2.0 - 5) ** 2) / 2, 1e-5)
+    # gradient of plain DPO wrt pi_chosen: -beta * sigmoid(-beta h) / P
+    pcg = pc.clone().requires_grad_(True)
+    dpo_loss(pcg, pr, rc, rr, beta=0.1)[0].backward()
+    want_g = [-0.1 / (1 + math.exp(0.1 * x)) / 2 for x in h]
+    assert all(close(a, w) for a, w in zip(pcg.grad.tolist(), want_g))
+    # micro-batches with global_pairs sum to the full loss
+    parts = [dpo_loss(pc[i : i + 1], pr[i : i + 1], rc[i : i + 1], rr[i : i + 1], global_pairs=2)[0] for i in (0, 1)]
+    assert close(sum(p.item() for p in parts), loss)
+    with pytest.raises(ValueError):
+        dpo_loss(pc, pr, rc, rr, loss_type="hinge-ish")
+
+
+def test_sequence_logprob_masks_padding():
+    tl = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.5, -0.5]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    assert sequence_logprob(tl, m).tolist() == [-3.0, -1.0]
