@@ -7,9 +7,9 @@
 - `kar_messages`, `palr_messages`, `rlmrec_messages`, `lg_messages`: the zero-shot user-profile prompts of the
   paper's appendix A.2 (written there for Yelp "businesses"; here the word is "item"). RLMRec answers in JSON
   (`parse_rlmrec`).
-- `recommender_messages`: the frozen recommender's rating prompt, with profiles (DUET, baselines, oracle) or
-  without (10H: the ten most recent interactions only). The assistant turn is opened with `RATING_PREFIX`, so the
-  next token is the rating digit (Reason4Rec's "Predicted Rating: " trick, DESIGN.md).
+- `recommender_prompt`: the frozen recommender's rating prompt, with profiles (DUET, baselines, oracle) or
+  without (10H: the ten most recent interactions only). The assistant turn is opened with an answer prefix that
+  ends right before the rating digit (as Reason4Rec's "Predicted Rating: ", DESIGN.md).
 
 Histories are lists of `data.history.HistoryEntry` (oldest first). Prompts are chat messages
 [{"role", "content"}]; the caller renders them with the model's chat template.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
-RATING_PREFIX = "Rating: "  # the recommender's assistant turn starts with this; the next token is '1'..'5'
 PROFILE_METHODS = ("kar", "palr", "rlmrec", "lg", "duet")  # methods whose profiles an LLM writes
 
 
@@ -254,20 +253,24 @@ PARSERS = {"kar": parse_free_text, "palr": parse_free_text, "lg": parse_free_tex
 
 
 # ---------------------------------------------------------------------------------------------------- recommender
-def recommender_messages(history, item_title: str, user_profile: str | None = None,
-                         item_profile: str | None = None, with_reviews: bool = True):
-    """The frozen recommender's prompt (paper 4.1.2: recent history + user profile + item profile -> rating).
+def recommender_prompt(history, item_title: str, user_profile: str | None = None,
+                       item_profile: str | None = None, with_reviews: bool = False) -> tuple[list[dict], str]:
+    """The frozen recommender's prompt (paper 4.1.2: recent history + user profile + item profile -> rating)
+    -> (chat messages, assistant answer prefix). The caller renders the messages with the assistant turn opened
+    and appends the prefix; the next token is the rating digit.
 
-    Profiles come first and the instruction says to rely on them: a small recommender otherwise copies the
-    ratings of the recent history. Without profiles (10H) it is the ten most recent interactions only.
-    The caller opens the assistant turn with RATING_PREFIX; the next token is the digit."""
-    parts = ["Predict the rating (1 to 5) that this user will give to the target item."]
+    The rating is asked as the continuation of the user's own rating list: the assistant turn opens with
+    `N+1. "Target title" - rated `, so the digit follows the same pattern as the N history lines (small models
+    copy such patterns far better than they follow an instruction; tried with SmolLM2-135M, results/README.md).
+    Profiles come first with the instruction to base the rating on them. Without profiles (10H) it is the ten
+    most recent interactions only."""
+    parts = ["Predict how this user rates the target item, from 1 to 5."]
     if user_profile is not None:
-        parts.append(f"USER PROFILE (the most reliable information: base your rating on it):\n{_clean(user_profile)}")
+        parts.append(f"USER PROFILE (the most reliable information: base the rating on it):\n{_clean(user_profile)}")
     if item_profile is not None:
-        parts.append(f"ITEM PROFILE:\n{_clean(item_profile)}")
+        parts.append(f"TARGET ITEM PROFILE:\n{_clean(item_profile)}")
     parts.append(f"THE USER'S MOST RECENT RATINGS (oldest first):\n{format_user_history(history, with_reviews)}")
-    parts.append(f'TARGET ITEM: "{_clean(item_title)}"')
-    parts.append("If the target item has something the user dislikes, the rating is low (1 or 2); if it matches "
-                 "what the user loves, it is high (4 or 5). Answer with a single digit from 1 to 5.")
-    return _user("\n\n".join(parts))
+    parts.append(f'TARGET ITEM: "{_clean(item_title)}"\n'
+                 "Continue the list with the target item and the user's rating of it.")
+    prefix = f'{len(history) + 1}. "{_clean(item_title)}" - rated '
+    return _user("\n\n".join(parts)), prefix

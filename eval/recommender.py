@@ -1,7 +1,7 @@
 """The frozen, in-process recommender: expected rating from one forward pass.
 
-For a prompt that ends right before the rating digit (the chat template with the assistant turn opened by
-"Rating: "), the recommender reads the next-token logits of '1'..'5', renormalises them with a softmax over those
+For a prompt that ends right before the rating digit (the chat template with the assistant turn opened by an
+answer prefix such as `11. "Title" - rated `, data/prompts.py), the recommender reads the next-token logits of '1'..'5', renormalises them with a softmax over those
 five tokens only, and returns the expectation  y_hat = sum_k k * p(k),  k = 1..5  (Reason4Rec's scoring; DESIGN.md).
 No generation, hence no parsing failures, and a continuous score for the reward 1 - |y - y_hat| / 4.
 
@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from data.prompts import RATING_PREFIX, recommender_messages
+from data.prompts import recommender_prompt
 
 DIGITS = ("1", "2", "3", "4", "5")
 
@@ -29,7 +29,7 @@ class RecExample(NamedTuple):
     item_profile: Optional[str] = None
 
 
-def render_prompt(tokenizer, messages: list[dict], answer_prefix: str = RATING_PREFIX) -> str:
+def render_prompt(tokenizer, messages: list[dict], answer_prefix: str) -> str:
     """Chat template with the assistant turn opened, then the answer prefix. Models without a chat template
     (base models) get the user text followed by the prefix on its own line."""
     if tokenizer.has_chat_template:
@@ -46,7 +46,7 @@ def digit_token_ids(tokenizer, prompt: str) -> list[int]:
         full = tokenizer.encode(prompt + d, add_special_tokens=False)
         if full[:len(base)] != base or len(full) != len(base) + 1:
             raise ValueError(f"the digit {d!r} after the prompt suffix {prompt[-20:]!r} is not one token "
-                             f"(prompt ids end {base[-3:]}, with digit {full[-4:]}); change RATING_PREFIX")
+                             f"(prompt ids end {base[-3:]}, with digit {full[-4:]}); change the answer prefix")
         ids.append(full[-1])
     return ids
 
@@ -76,7 +76,7 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 class Recommender:
-    def __init__(self, model, tokenizer, batch_size: int = 8, with_reviews: bool = True, device=None):
+    def __init__(self, model, tokenizer, batch_size: int = 8, with_reviews: bool = False, device=None):
         self.model = model.eval()
         for p in self.model.parameters():  # frozen: no gradients, no optimizer state
             p.requires_grad_(False)
@@ -84,12 +84,12 @@ class Recommender:
         self.batch_size = batch_size
         self.with_reviews = with_reviews
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        probe = render_prompt(tokenizer, recommender_messages([], "x"))
-        self.digit_ids = digit_token_ids(tokenizer, probe)
+        self.digit_ids = digit_token_ids(tokenizer, render_prompt(tokenizer, *recommender_prompt([], "x")))
 
     def prompt(self, ex: RecExample) -> str:
-        msgs = recommender_messages(ex.history, ex.item_title, ex.user_profile, ex.item_profile, self.with_reviews)
-        return render_prompt(self.tok, msgs)
+        msgs, prefix = recommender_prompt(ex.history, ex.item_title, ex.user_profile, ex.item_profile,
+                                          self.with_reviews)
+        return render_prompt(self.tok, msgs, prefix)
 
     def score(self, examples: Sequence[RecExample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples -> (expected ratings (N,), probabilities of 1..5 (N, 5)), on the CPU, in input order."""

@@ -5,7 +5,7 @@ import pytest
 
 from data.history import HistoryEntry
 from data.prompts import (BASELINE_PROMPTS, ParsedProfiles, duet_messages, format_user_history, parse_duet,
-                          parse_free_text, parse_rlmrec, recommender_messages)
+                          parse_free_text, parse_rlmrec, recommender_prompt)
 
 GOOD = ("<user_profile><cue>likes jazz</cue><constructed_prompt>Describe genres.</constructed_prompt>"
         "<profile>A jazz fan.</profile></user_profile>"
@@ -83,10 +83,12 @@ def test_history_and_prompt_contents():
 
 
 def test_recommender_prompt_with_and_without_profiles():
-    plain = recommender_messages(H, "Giant Steps")[0]["content"]
+    [m], prefix = recommender_prompt(H, "Giant Steps")
+    assert prefix == '3. "Giant Steps" - rated '  # continues the two-line history; the digit comes next
+    plain = m["content"]
     assert "PROFILE" not in plain and "Giant Steps" in plain and "Kind of Blue" in plain
-    full = recommender_messages(H, "Giant Steps", "Loves sax.", "Hard bop classic.")[0]["content"]
+    full = recommender_prompt(H, "Giant Steps", "Loves sax.", "Hard bop classic.")[0][0]["content"]
     assert "Loves sax." in full and "Hard bop classic." in full
     assert full.index("Loves sax.") < full.index("Kind of Blue")  # the profile comes first
-    only_user = recommender_messages(H, "Giant Steps", "Loves sax.")[0]["content"]
+    only_user = recommender_prompt(H, "Giant Steps", "Loves sax.")[0][0]["content"]
     assert "ITEM PROFILE" not in only_user
