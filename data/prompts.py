@@ -112,11 +112,11 @@ def _block(text: str, pos: int, tag: str, where: str) -> tuple[str, int]:
     open_, close = f"<{tag}>", f"</{tag}>"
     if not text.startswith(open_, pos):
         found = text[pos:pos + 30].replace("\n", " ") or "end of text"
-        raise FormatError(f"missing <{tag}> {where} (found {found!r})")
+        raise FormatError(f"missing <{tag}> {where}".rstrip() + f" (found {found!r})")
     start = pos + len(open_)
     end = text.find(close, start)
     if end < 0:
-        raise FormatError(f"unclosed <{tag}> {where}")
+        raise FormatError(f"unclosed <{tag}> {where}".rstrip())
     return text[start:end], end + len(close)
 
 

@@ -125,25 +125,26 @@ def cached_generate(requests: Sequence[tuple[str, str, str]], model, tokenizer, 
                     max_new_tokens: int = 256, batch_size: int = 8, progress=None) -> list[str]:
     """requests: (user_id, item_id, rendered prompt). Generates each distinct prompt not in the cache once,
     appends it to the cache as soon as its batch is done, and returns the raw answers in request order."""
+    known: dict[str, str] = {}  # prompt -> answer, from the cache (an identical prompt is never generated twice)
+    for u, i, p in requests:
+        text = cache.get(u, i, p) if cache is not None else None
+        if text is not None:
+            known[p] = text
     todo: dict[str, tuple[str, str]] = {}
     for u, i, p in requests:
-        if (cache is None or cache.get(u, i, p) is None) and p not in todo:
+        if p not in known and p not in todo:
             todo[p] = (u, i)
-    fresh: dict[str, str] = {}
     prompts = list(todo)
     for s in range(0, len(prompts), batch_size * 4):  # write to the cache every few batches
         chunk = prompts[s:s + batch_size * 4]
         for p, text in zip(chunk, generate_texts(model, tokenizer, chunk, max_new_tokens, batch_size,
                                                  progress=progress)):
-            fresh[p] = text
+            known[p] = text
             if cache is not None:
                 cache.put(*todo[p], p, text)
     out = []
     for u, i, p in requests:
-        if p in fresh:
-            if cache is not None and cache.get(u, i, p) is None:  # the same prompt for another (user, item)
-                cache.put(u, i, p, fresh[p])
-            out.append(fresh[p])
-        else:
-            out.append(cache.get(u, i, p))
+        if cache is not None and cache.get(u, i, p) is None:  # the same prompt for another (user, item)
+            cache.put(u, i, p, known[p])
+        out.append(known[p])
     return out
