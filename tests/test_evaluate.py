@@ -144,3 +144,18 @@ def test_script_out_and_compare(ds_dir, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| Method | MAE") and out[2].startswith("| global-mean | 1.3333")
     assert out[3].startswith("| user-mean |")
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found")
+def test_generate_texts_greedy_matches_transformers():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(STORIES)
+    prompts = ["Once upon a time", "Lily and Tom went to the park. They"]
+    got = PR.generate_texts(load_model(STORIES), tok, prompts, max_new_tokens=12, batch_size=2)
+    hf = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
+    for p, g in zip(prompts, got):
+        ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_ids, pad_token_id=tok.pad_token_id)
+        assert g == tok.decode(out[0, ids.shape[1]:].tolist())
