@@ -1,0 +1,124 @@
+"""Evaluate one method on a dataset split and print its row of the paper's Table 1; or compare result folders.
+
+    python scripts/evaluate.py --method 10h --recommender smollm2-135m-instruct --data DIR --split test --limit 100 \
+        --out results/music/10h
+    python scripts/evaluate.py --method duet --generator smollm2-135m-instruct --recommender smollm2-135m-instruct \
+        --data DIR --split test --out results/music/duet
+    python scripts/evaluate.py --compare results/music/*      # one markdown table, a row per folder
+
+--out DIR receives metrics.json (mae, rmse, acc, f1, format_failures, n and the run's settings) and
+predictions.jsonl (user_id, item_id, rating, prediction, probs of 1..5, the exact recommender prompt; for
+profile methods also the generated text, its format verdict and the parsed profiles). Generated profiles are
+cached under --cache (key: method, generator weights' hash, user, item, prompt), so a rerun regenerates nothing.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.evaluate import CLASSIC, HEADER, METHODS, build_examples, evaluate_method, table_row  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--generator", help="profile writer: model name, directory or .gguf (kar, palr, rlmrec, lg, duet)")
+    p.add_argument("--recommender", help="frozen recommender model (every LLM method)")
+    p.add_argument("--data", help="canonical dataset directory (scripts/prepare_data.py)")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--limit", type=int, help="evaluate a fixed random subset of this many examples (seed 0)")
+    p.add_argument("--profile-history", type=int, default=30,
+                   help="user interactions shown to the profile writer (paper Table 3: 30, 50, 70)")
+    p.add_argument("--rec-history", type=int, default=10, help="recent interactions shown to the recommender")
+    p.add_argument("--max-new-tokens", type=int, default=320, help="profile length limit")
+    p.add_argument("--batch-size", type=int, default=8, help="recommender batch size")
+    p.add_argument("--gen-batch-size", type=int, default=8, help="generator batch size")
+    p.add_argument("--cache", default="out/profile_cache", help="profile cache folder")
+    p.add_argument("--out", help="result folder: metrics.json + predictions.jsonl (written atomically)")
+    p.add_argument("--name", help="row label (default: the method)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="print one table of these result folders and exit")
+    return p.parse_args(argv)
+
+
+def compare(dirs) -> str:
+    lines = [HEADER]
+    for d in dirs:
+        f = Path(d) / "metrics.json"
+        if not f.exists():
+            raise SystemExit(f"{f}: no such file (not a result folder of scripts/evaluate.py --out)")
+        m = json.loads(f.read_text())
+        lines.append(table_row(m.get("name") or Path(d).name, m))
+    return "\n".join(lines)
+
+
+def write_results(out: Path, metrics: dict, rows: list[dict]):
+    """metrics.json and predictions.jsonl into `out`, each written to a temp file in that folder then renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("metrics.json", json.dumps(metrics, indent=2) + "\n"),
+                       ("predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out / name)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.compare:
+        print(compare(a.compare))
+        return
+    if not a.method or not a.data:
+        raise SystemExit("--method and --data are required (or --compare DIR...)")
+    import torch
+
+    from data import load_dataset
+    from data.history import HistoryIndex
+    from eval.profiles import ProfileCache, weights_hash
+    from eval.recommender import Recommender
+    from model import load_model, load_tokenizer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ds = load_dataset(a.data)
+    examples = build_examples(ds, a.split, a.limit)
+    t0 = time.time()
+    models = {}
+
+    def get(name):  # load each distinct model once (generator and recommender are often the same)
+        if name not in models:
+            models[name] = (load_model(name), load_tokenizer(name))
+        return models[name]
+
+    rec = gen = gen_tok = cache = None
+    if a.method not in CLASSIC:
+        if not a.recommender:
+            raise SystemExit(f"--recommender is required for method {a.method}")
+        rec = Recommender(*get(a.recommender), batch_size=a.batch_size)
+    if a.method in ("kar", "palr", "rlmrec", "lg", "duet"):
+        if not a.generator:
+            raise SystemExit(f"--generator is required for method {a.method}")
+        gen, gen_tok = get(a.generator)
+        cache = ProfileCache(a.cache, a.method, weights_hash(gen.source))
+    metrics, rows = evaluate_method(a.method, examples, ds, recommender=rec, generator=gen, gen_tok=gen_tok,
+                                    cache=cache, hist=HistoryIndex(ds), rec_history=a.rec_history,
+                                    profile_history=a.profile_history, max_new_tokens=a.max_new_tokens,
+                                    gen_batch_size=a.gen_batch_size)
+    name = a.name or a.method
+    metrics.update(name=name, method=a.method, data=str(a.data), split=a.split, limit=a.limit,
+                   generator=a.generator, recommender=a.recommender, profile_history=a.profile_history,
+                   rec_history=a.rec_history, max_new_tokens=a.max_new_tokens, seconds=round(time.time() - t0, 1))
+    if a.out:
+        write_results(Path(a.out), metrics, rows)
+    print(HEADER)
+    print(table_row(name, metrics))
+    print(json.dumps({k: metrics[k] for k in ("mae", "rmse", "acc", "f1", "format_failures", "n", "seconds")}))
+
+
+if __name__ == "__main__":
+    main()
