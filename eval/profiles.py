@@ -120,7 +120,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 updates its gathered parameters in place
 def cached_generate(requests: Sequence[tuple[str, str, str]], model, tokenizer, cache: ProfileCache | None,
                     max_new_tokens: int = 256, batch_size: int = 8, progress=None) -> list[str]:
     """requests: (user_id, item_id, rendered prompt). Generates each distinct prompt not in the cache once,

@@ -95,7 +95,7 @@ class Recommender:
         """Examples -> (expected ratings (N,), probabilities of 1..5 (N, 5)), on the CPU, in input order."""
         return self.score_prompts([self.prompt(ex) for ex in examples])
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 updates its gathered parameters in place
     def score_prompts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rendered prompts (each ending right before the digit) -> (expected (N,), probs (N, 5))."""
         if not texts:
