@@ -4,6 +4,7 @@ recent interactions; reward = 1 - |y - y_hat| / 4, or the format-failure reward 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import torch
@@ -64,9 +65,10 @@ class DuetEnv:
         failed = torch.tensor([p is None for p, _ in parsed])
         rewards = torch.as_tensor(rating_reward(y, y_hat.float().cpu(), failed=None), dtype=torch.float32)
         ok = ~failed
-        reasons = Counter(reason.split(":")[0] for p, reason in parsed if p is None)
+        reasons = Counter(re.sub(r"[^a-z]+", "_", reason.split("(")[0].split(":")[0].lower()).strip("_")
+                          for p, reason in parsed if p is None)
         info = {"pred_mae": float((y - y_hat.cpu())[ok].abs().mean()) if ok.any() else float("nan")}
-        info.update({f"fail_{k.replace(' ', '_')[:30]}": v / len(texts) for k, v in reasons.most_common(3)})
+        info.update({f"fail_{k[:40]}": v / len(texts) for k, v in reasons.most_common(3)})
         return rewards, failed, info
 
     def validate(self, policy, tokenizer, d) -> dict:

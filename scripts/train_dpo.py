@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 scripts/train_dpo.py --preset lettingo-paper --data data/music --stage train
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from rl.dpo_trainer import PRESETS, DPOConfig, main as run  # noqa: E402
 def main(argv=None):
     cfg, preset = parse_config(DPOConfig, PRESETS, argv, default_preset="cpu-demo")
     final = run(cfg, preset)
-    if final:
+    if final and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in final.items()}))
 
 

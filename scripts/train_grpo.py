@@ -5,6 +5,7 @@
     python scripts/train_grpo.py --run-dir runs/grpo --resume       # continue from the last checkpoint
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from rl.grpo_trainer import PRESETS, GRPOConfig, train  # noqa: E402
 def main(argv=None):
     cfg, preset = parse_config(GRPOConfig, PRESETS, argv, default_preset="cpu-demo")
     final = train(cfg, preset)
-    if final:
+    if final and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in final.items()}))
 
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from model import load_model
 from model.gguf import convert_gguf, gguf_to_hf_name, permute_qk, unpermute_qk
 from model.hub import EMBEDDED, cache_dir, resolve_model
 
@@ -292,10 +293,14 @@ def test_smollm2_logits_match_transformers_gguf(smollm2_dir, smollm2_gguf):
     prompts = ["The capital of France is",
                tok.apply_chat_template([{"role": "user", "content": "Name a color."}], tokenize=False,
                                        add_generation_prompt=True)]
+    own = load_model(smollm2_dir)  # our transformer on the imported checkpoint, against transformers' GGUF load
     for text in prompts:
         ids = tok.encode(text)
         a, b = logits(ours, ids), logits(ref, ids)
         assert (a - b).abs().max().item() <= 1e-4
+        with torch.no_grad():
+            c = own(torch.tensor([ids]))[0]
+        assert (c - b).abs().max().item() <= 1e-4
     assert tok.decode([int(a[-1].argmax())]).strip()  # a real next token, not padding
 
 

@@ -19,8 +19,17 @@ from tests.tiny import STORIES, tiny_chat_model, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--env", "toy", "--model", str(STORIES), "--prompts-per-step", "4", "--mini-batch-prompts", "2",
-       "--group-size", "4", "--micro-batch-rows", "2", "--max-new-tokens", "12", "--lr", "2e-3",
+       "--group-size", "4", "--micro-batch-rows", "2", "--max-new-tokens", "12", "--lr", "3e-4",
        "--kl-coef", "0.05", "--val-every", "0", "--log-text-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one thread is faster, and steadier on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def cfg_from(argv):
@@ -50,8 +59,8 @@ def test_toy_reward_rises(tmp_path):
     train(cfg)
     rewards = [m["train/reward_mean"] for m in read_metrics(tmp_path)]
     assert len(rewards) == 50
-    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert end > 0.5 and end > 3 * start, (start, end)
+    start, end = rewards[0], sum(rewards[-5:]) / 5  # step 1 is sampled before any update
+    assert end > 0.5 and end > 5 * start, (start, end)
     # the logged quantities are there and finite
     last = read_metrics(tmp_path)[-1]
     for k in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr",
@@ -111,6 +120,19 @@ def test_kill_while_writing_checkpoint_keeps_previous(tmp_path):
     assert (run / "checkpoints/step_3").exists() and not list((run / "checkpoints").glob(".step_*"))
 
 
+def test_duet_env_under_two_fsdp_ranks(tmp_path):
+    """Rollout, recommender scoring and validation with a sharded policy and reference: no hang, no error."""
+    model, data = tiny_chat_model(tmp_path / "tiny"), tiny_dataset(tmp_path / "data")
+    res = run_script(["--model", str(model), "--data", str(data), "--run-dir", str(tmp_path / "run"),
+                      "--max-steps", "1", "--save-every", "1", "--val-every", "1", "--val-examples", "3",
+                      "--prompts-per-step", "2", "--mini-batch-prompts", "2", "--group-size", "2",
+                      "--micro-batch-rows", "2", "--max-new-tokens", "8", "--user-history", "3", "--item-history",
+                      "2", "--review-chars", "40", "--max-prompt-tokens", "4096", "--device", "cpu"], nproc=2)
+    final = json.loads(res.stdout.strip().splitlines()[-1])  # rank 0 alone prints
+    assert final["val_format_failures"] == 3 and final["format_failure_rate"] == 1.0
+    assert (tmp_path / "run/checkpoints/step_1/model/model.safetensors").exists()
+
+
 def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     """The real environment on a tiny chat model and synthetic data: rollout, parse, recommender, validation."""
     model = tiny_chat_model(tmp_path / "tiny")
@@ -128,3 +150,31 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run/checkpoints/step_2/model")
+
+
+def test_duet_env_rewards_parsed_profiles(tmp_path):
+    """score(): a well-formed completion is rated by the recommender from its two profiles; a malformed one fails."""
+    from data import load_dataset
+    from eval.recommender import Recommender
+    from model import load_model, load_tokenizer
+    from rl import profiles as P
+    from rl.duet_env import DuetEnv
+
+    path = tiny_chat_model(tmp_path / "tiny")
+    ds = load_dataset(tiny_dataset(tmp_path / "data"))
+    model, tok = load_model(path), load_tokenizer(path)
+    rec = Recommender(model, tok, batch_size=2)
+    env = DuetEnv(ds, tok, rec, P.HistoryOptions(3, 2, 40), 4096, 16, val_examples=2)
+    ep = env.episode(0)
+    x = ep.meta["target"]
+    good = ("<user_profile><cue>likes rock</cue><constructed_prompt>Describe the user.</constructed_prompt>"
+            "<profile>Loves loud rock.</profile></user_profile>\n<item_profile><cue>rock</cue><constructed_prompt>"
+            "Describe the item.</constructed_prompt><profile>A loud rock album.</profile></item_profile>")
+    bad = good.replace("</item_profile>", "")
+    rewards, failed, _ = env.score([ep], [[1], [1]], [good, bad])
+    assert failed.tolist() == [False, True]
+    y_hat, _ = rec.score([P.rec_example(env.hx, ds, x.user_id, x.item_id, x.timestamp, "Loves loud rock.",
+                                        "A loud rock album.", 40)])
+    assert abs(float(rewards[0]) - (1 - abs(x.rating - float(y_hat[0])) / 4)) < 1e-5
+    assert ep.prompt_ids == tok.encode_chat(P.profile_messages("duet", env.hx, x.user_id, x.item_id, x.timestamp,
+                                                                env.opt, ds.items[x.item_id].title))
