@@ -1,0 +1,241 @@
+"""Batched sampling with a preallocated KV cache: one prefill over the prompts, then one forward call per token.
+
+    out = generate(model, [[1, 5, 9], [1, 7]], max_new_tokens=64, temperature=1.0, top_p=0.9, n=8,
+                   eos_ids=tok.eos_ids, pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size, seed=0)
+    out.tokens      # (R, L) R = prompts * n, row b*n + j is sample j of prompt b, pad_id after the row ended
+    out.logprobs    # (R, L) log p(token) under softmax(logits / temperature), before top-k / top-p
+    out.lengths     # (R,) tokens up to and including the first EOS (L when the row did not finish)
+    out.finished    # (R,) whether the row produced an EOS
+
+Design
+- Left padding. All rows share one cache slot per step (a single write pointer, one slice assignment per layer
+  and step) and the forward pass takes the attention mask over every key slot; each row's positions are
+  cumsum(mask) - 1, i.e. 0, 1, 2, ... from its own first real token, so a row sees exactly the positions and keys
+  it would see alone. Per-row write pointers (no padding) would save the padded slots but need a scatter per
+  layer and a ragged mask anyway; with prompts sorted by length the padding is small. Without padding (all
+  prompts of one length) no mask is built at all.
+- Group sampling: the B distinct prompts are prefilled once, computing logits at the last position only, and
+  the cache is then copied to B * n rows (`KVCache.repeat_interleave`).
+- Randomness: row r owns a torch.Generator seeded from (seed, prompt index, sample index) (see `row_seed`) and
+  draws its uniforms u_r[0..L) up front, on the CPU; step t samples by inverting the row's CDF at u_r[t]. A
+  row's tokens therefore depend only on its own prompt and its own stream: sampled alone with the same seed it
+  gives the same tokens (up to float rounding of the logits in a different batch), on any device.
+- Under FSDP every rank must run the same number of forward calls (each gathers the sharded weights
+  collectively): each step all-reduces an "any row unfinished" flag, and a rank whose rows have all ended keeps
+  stepping on padding until every rank is done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # (R, L) long, pad_id after a row's end
+    logprobs: torch.Tensor  # (R, L) float32, 0 after a row's end
+    lengths: torch.Tensor  # (R,) long, number of tokens up to and including the first EOS
+    finished: torch.Tensor  # (R,) bool, the row ended with an EOS before max_new_tokens ran out
+    prompt_lens: torch.Tensor  # (R,) long, prompt length of each row
+
+    def completions(self) -> list[list[int]]:
+        """Each row's generated ids up to and including its EOS."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+
+# ---- pure functions ---------------------------------------------------------------------------------------------
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed for the stream of (seed, prompt, sample): splitmix64 finaliser over the three numbers."""
+    x = 0
+    for v in (seed, prompt_index, sample_index):
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 30
+        x = x * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 27
+        x = x * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
+
+
+def truncate_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Zero the probabilities outside the top-k, then outside the nucleus (Holtzman et al. 2019). (R, V) -> (R, V)
+
+    top-k keeps every token whose probability reaches the k-th largest (ties kept). top-p then keeps the smallest
+    set of most likely tokens whose mass, renormalised after top-k, reaches top_p: a token is dropped when the
+    mass of the tokens ranked above it already reaches top_p (the most likely token always stays). This is the
+    order and rule of transformers' TopKLogitsWarper and TopPLogitsWarper. The result is not renormalised.
+    """
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # (R, V)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        drop = mass_before >= top_p * sorted_p.sum(-1, keepdim=True)
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draw one id per row from unnormalised probabilities (R, V) with uniforms u (R,) in [0, 1): the first id
+    whose cumulative mass exceeds u * total. Never returns an id of zero probability. -> (R,) long"""
+    cdf = probs.cumsum(-1)  # (R, V)
+    total = cdf[:, -1:].contiguous()  # (R, 1)
+    idx = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)  # (R, 1)
+    # u * total can round up to total: then take the last id of positive mass (where the cdf reaches total)
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(idx, last).squeeze(1)
+
+
+def pick_tokens(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, u: torch.Tensor | None,
+                banned: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of decoding for a batch. scores (R, V) fp32 logits -> ids (R,), logprobs (R,).
+
+    The log-probability is that of the chosen id under softmax(scores / temperature), before top-k / top-p and
+    before `banned` (EOS ids held back by min_new_tokens): the policy's own distribution, the one the GRPO
+    ratio is computed against. Greedy (temperature 0) takes the argmax and reports its log-probability under
+    softmax(scores), the temperature-1 distribution.
+    """
+    if temperature == 0:
+        s = scores
+        pick_from = s if not banned else s.index_fill(-1, torch.tensor(banned, device=s.device), float("-inf"))
+        ids = pick_from.argmax(-1)
+    else:
+        s = scores / temperature
+        probs = torch.softmax(s, dim=-1)
+        if banned:
+            probs = probs.index_fill(-1, torch.tensor(banned, device=s.device), 0.0)
+        ids = sample_inverse_cdf(truncate_probs(probs, top_k, top_p), u)
+    logp = s.gather(-1, ids[:, None]).squeeze(1) - torch.logsumexp(s, dim=-1)
+    return ids, logp
+
+
+# ---- the sampler ------------------------------------------------------------------------------------------------
+def _any_unfinished(done: torch.Tensor, sync: bool) -> bool:
+    """True while some row here (or, with sync, on any rank) has not ended. One host sync per step."""
+    flag = (~done).any().to(torch.int32)
+    if sync:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, n: int = 1, eos_ids=(), pad_id: int = 0, vocab_limit: int | None = None,
+             seed: int = 0, seeds: list[int] | None = None, min_new_tokens: int = 0,
+             sync_ranks: bool | None = None) -> SampleOutput:
+    """Sample `n` continuations of each prompt (lists of token ids) with a KV cache; see the module docstring.
+
+    temperature: 0 is greedy. top_k 0 / top_p 1.0 turn the truncations off.
+    eos_ids: ids that end a row (the tokenizer's eos_ids and any stop ids); the EOS is kept in the row.
+    vocab_limit: only ids below it are ever sampled (pass len(tokenizer): Qwen's embedding table is larger than
+        its vocabulary); None = every row of the output layer. Log-probabilities are over these ids only.
+    seed / seeds: row b*n + j draws from the stream row_seed(seed, b, j), or from seeds[b*n + j] when given.
+    min_new_tokens: EOS ids cannot be chosen before this many tokens (as transformers' min_new_tokens); with
+        min_new_tokens = max_new_tokens every row has exactly max_new_tokens tokens (benchmarks).
+    sync_ranks: all-reduce the stop flag across ranks each step; None = when torch.distributed is initialised.
+        Every rank must call with the same max_new_tokens.
+    Returns SampleOutput with L = number of decode steps run (<= max_new_tokens; fewer when all rows ended).
+    """
+    B, R = len(prompts), len(prompts) * n
+    if B == 0 or n < 1 or max_new_tokens < 1:
+        raise ValueError(f"need prompts, n >= 1 and max_new_tokens >= 1 (got {B} prompts, n={n}, "
+                         f"max_new_tokens={max_new_tokens})")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if not p)} is empty")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling parameters temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if seeds is not None and len(seeds) != R:
+        raise ValueError(f"seeds has {len(seeds)} entries, expected one per row ({R})")
+    if sync_ranks is None:
+        sync_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    V = vocab_limit or model.config.vocab_size
+    dev = model.model.embed_tokens.weight.device
+    L = max_new_tokens
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
+    banned = sorted(set(eos_ids)) if min_new_tokens > 0 else None
+
+    # ---- left-padded prompt batch and the mask over all key slots: P prompt slots, then L generated ones
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (B,)
+    P = int(lens.max())
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    padded = bool((lens != P).any())
+    mask = None
+    if padded:  # (B, P + L) bool: real prompt tokens, then every generated slot
+        mask = torch.ones(B, P + L, dtype=torch.bool)
+        mask[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
+        mask = mask.to(dev)
+    ids = ids.to(dev)
+
+    # ---- uniforms of every row's stream, drawn up front (CPU generators: the same numbers on any device)
+    u = None
+    if temperature > 0:
+        if seeds is None:
+            seeds = [row_seed(seed, b, j) for b in range(B) for j in range(n)]
+        u = torch.stack([torch.rand(L, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                         for s in seeds]).to(dev)  # (R, L)
+
+    # ---- prefill the B distinct prompts once (last position's logits only), then copy the cache to B*n rows
+    cache = model.new_cache(B, P + (L if n == 1 else 0))
+    logits = model(ids, attention_mask=None if mask is None else mask[:, :P], kv_cache=cache,
+                   num_logits_to_keep=1)[:, -1]  # (B, V_model)
+    if n > 1:
+        cache = cache.repeat_interleave(n, max_len=P + L)
+        logits = logits.repeat_interleave(n, dim=0)  # (R, V_model)
+        mask = None if mask is None else mask.repeat_interleave(n, dim=0)
+    pos = lens.repeat_interleave(n).to(dev)  # (R,) position of the next token of each row
+
+    tokens = torch.full((R, L), pad_id, dtype=torch.long, device=dev)
+    logprobs = torch.zeros(R, L, dtype=torch.float32, device=dev)
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    lengths = torch.full((R,), L, dtype=torch.long, device=dev)
+    steps = 0
+    for t in range(L):
+        scores = logits[:, :V].float()  # (R, V) never an id >= vocab_limit
+        tok, lp = pick_tokens(scores, temperature, top_k, top_p, None if u is None else u[:, t],
+                              banned if t < min_new_tokens else None)
+        tok = tok.masked_fill(done, pad_id)
+        tokens[:, t] = tok
+        logprobs[:, t] = lp.masked_fill(done, 0.0)
+        ended = torch.isin(tok, eos) & ~done  # (R,) rows whose first EOS is this token
+        lengths = torch.where(ended, t + 1, lengths)
+        done = done | ended
+        steps = t + 1
+        if steps == L or not _any_unfinished(done, sync_ranks):
+            break
+        logits = model(tok[:, None], position_ids=(pos + t)[:, None],
+                       attention_mask=None if mask is None else mask[:, :P + t + 1],
+                       kv_cache=cache, num_logits_to_keep=1)[:, -1]
+    lengths = torch.where(done, lengths, steps)
+    return SampleOutput(tokens[:, :steps], logprobs[:, :steps], lengths, done,
+                        lens.repeat_interleave(n).to(dev))
+
+
+# ---- text in, text out ------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """Each prompt is raw text (encoded with the tokenizer's special tokens, e.g. BOS) or a list of chat messages
+    [{"role", "content"}] rendered with the model's chat template."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p))
+        elif isinstance(p, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+            out.append(tokenizer.encode_chat(p))
+        else:
+            raise ValueError(f"prompt {i}: expected a string or a list of {{'role', 'content'}} messages, "
+                             f"got {type(p).__name__}")
+    return out
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens: int, **kw) -> list[str]:
+    """Texts in (raw strings or chat message lists), texts out: R = len(prompts) * n strings, row b*n + j is
+    sample j of prompt b, special tokens (the EOS) left out. Keyword arguments go to `generate`."""
+    kw.setdefault("eos_ids", tokenizer.eos_ids)
+    kw.setdefault("pad_id", tokenizer.pad_token_id)
+    kw.setdefault("vocab_limit", tokenizer.vocab_size)
+    out = generate(model, encode_prompts(tokenizer, prompts), max_new_tokens, **kw)
+    return [tokenizer.decode(ids) for ids in out.completions()]
