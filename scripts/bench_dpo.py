@@ -48,17 +48,18 @@ def cut_text(tokenizer, rng: random.Random, n_tokens: int, head: str = "") -> st
     return tokenizer.decode(tokenizer.encode(words, add_special_tokens=False)[:n_tokens])
 
 
-def make_pairs(tokenizer, n: int = PAIRS, seed: int = 0) -> list[dict]:
+def make_pairs(tokenizer, prompt_tokens: int = PROMPT_TOKENS, profile_tokens: int = PROFILE_TOKENS, n: int = PAIRS,
+               seed: int = 0) -> list[dict]:
     """n {prompt, chosen, rejected} texts; prompt = the chat template rendered with the generation prompt."""
     rng = random.Random(seed)
     overhead = len(tokenizer.encode_chat([{"role": "user", "content": ""}]))
     out = []
     for _ in range(n):
-        content = cut_text(tokenizer, rng, PROMPT_TOKENS - overhead, "Write a profile of this user. History: ")
+        content = cut_text(tokenizer, rng, prompt_tokens - overhead, "Write a profile of this user. History: ")
         prompt = tokenizer.render_chat([{"role": "user", "content": content}])
-        # PROFILE_TOKENS - 1 tokens of text, then EOS
-        chosen = cut_text(tokenizer, rng, PROFILE_TOKENS - 1, "Profile: ")
-        rejected = cut_text(tokenizer, rng, PROFILE_TOKENS - 1, "Profile: ")
+        # profile_tokens - 1 tokens of text, then EOS
+        chosen = cut_text(tokenizer, rng, profile_tokens - 1, "Profile: ")
+        rejected = cut_text(tokenizer, rng, profile_tokens - 1, "Profile: ")
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
 
@@ -93,7 +94,7 @@ def run_ours(a) -> dict:
     d = D.setup("cpu")
     models = build_models(MODEL, "reference", None, False, d)
     tok = models.tokenizer
-    pairs = make_pairs(tok)
+    pairs = make_pairs(tok, a.prompt_tokens, a.profile_tokens)
     eos = tok.eos_token_id
     # (prompt, chosen, rejected) ids, as rl.dpo_trainer.encode_pairs lays them out: each profile ends with EOS
     encoded = [(tok.encode(p["prompt"], add_special_tokens=False),
@@ -137,7 +138,7 @@ def run_trl(a) -> dict:
 
     torch.manual_seed(0)
     path = str(resolve_model(MODEL))
-    pairs = make_pairs(load_tokenizer(MODEL))
+    pairs = make_pairs(load_tokenizer(MODEL), a.prompt_tokens, a.profile_tokens)
     times = []
 
     class StepTimer(TrainerCallback):
@@ -174,7 +175,8 @@ def run_trl(a) -> dict:
 
 # ---- driver -----------------------------------------------------------------------------------------------------
 def child(side: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--threads", str(a.threads)]
+    cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--threads", str(a.threads),
+           "--prompt-tokens", str(a.prompt_tokens), "--profile-tokens", str(a.profile_tokens)]
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -192,6 +194,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per side (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 450)")
+    p.add_argument("--profile-tokens", type=int, default=PROFILE_TOKENS, help="profile length (the issue's: 100)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     a = p.parse_args()
     if a.side:

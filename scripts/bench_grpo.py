@@ -51,7 +51,7 @@ WORDS = ("the a user item rating review liked disliked music album song sound vo
 
 
 # ---- what both sides share --------------------------------------------------------------------------------------
-def prompt_messages(tokenizer, n: int = N_PROMPTS, tokens: int = PROMPT_TOKENS, seed: int = 0) -> list[list[dict]]:
+def prompt_messages(tokenizer, tokens: int = PROMPT_TOKENS, n: int = N_PROMPTS, seed: int = 0) -> list[list[dict]]:
     """n single-turn chats whose rendered prompt (chat template + generation prompt) is about `tokens` tokens."""
     rng = random.Random(seed)
     overhead = len(tokenizer.encode_chat([{"role": "user", "content": ""}]))
@@ -129,13 +129,13 @@ def run_ours(a) -> dict:
     d = D.setup("cpu")
     models = build_models(MODEL, "reference", None, False, d)
     tok = models.tokenizer
-    prompts = [tok.encode_chat(m) for m in prompt_messages(tok)]
+    prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens)]
     env = FixedPromptEnv(prompts, target_token(tok))
     cfg = GT.GRPOConfig(model=MODEL, env="bench", prompts_per_step=N_PROMPTS, group_size=G, temperature=1.0,
-                        max_new_tokens=NEW_TOKENS, old_logprobs=a.old_logprobs, mini_batch_prompts=N_PROMPTS,
+                        max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=N_PROMPTS,
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
                         max_steps=a.steps + 1, device="cpu")
-    # exactly NEW_TOKENS tokens per row, as TRL's min_new_tokens: EOS is held back until the last one
+    # exactly --new-tokens tokens per row, as TRL's min_new_tokens: EOS is held back until the last one
     def generate_full_length(model, prompts, max_new_tokens, **kw):
         return S.generate(model, prompts, max_new_tokens, min_new_tokens=max_new_tokens, **kw)
 
@@ -177,7 +177,7 @@ def run_trl(a) -> dict:
     path = str(resolve_model(MODEL))
     tok = load_tokenizer(MODEL)
     target = target_token(tok)
-    messages = prompt_messages(tok)
+    messages = prompt_messages(tok, a.prompt_tokens)
     dataset = Dataset.from_list([{"prompt": m} for m in messages])
 
     def reward_token_share(prompts, completions, completion_ids, **kw):
@@ -222,8 +222,8 @@ def run_trl(a) -> dict:
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), use_cpu=True, bf16=False, fp16=False,
         model_init_kwargs={"dtype": torch.float32}, num_generations=G, per_device_train_batch_size=MICRO_ROWS,
-        gradient_accumulation_steps=N_PROMPTS * G // MICRO_ROWS, max_completion_length=NEW_TOKENS,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0, top_p=1.0, top_k=0, beta=KL,
+        gradient_accumulation_steps=N_PROMPTS * G // MICRO_ROWS, max_completion_length=a.new_tokens,
+        generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=1.0, top_p=1.0, top_k=0, beta=KL,
         num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=1e-6,
         weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, use_vllm=False,
         max_steps=a.steps + 1, report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
@@ -232,9 +232,9 @@ def run_trl(a) -> dict:
                                callbacks=[StepTimer()])
     trainer.train()
     out = summary(times, per_phase)
-    ids = [trainer.processing_class.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
-           for m in messages]
-    out.update(prompt_tokens=[len(i["input_ids"] if isinstance(i, dict) else i) for i in ids],
+    texts = [trainer.processing_class.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+             for m in messages]
+    out.update(prompt_tokens=[len(trainer.processing_class(t, add_special_tokens=False)["input_ids"]) for t in texts],
                response_length=sum(lengths) / max(1, len(lengths)))
     return out
 
@@ -242,7 +242,7 @@ def run_trl(a) -> dict:
 # ---- driver -----------------------------------------------------------------------------------------------------
 def child(side: str, a) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--threads", str(a.threads),
-           "--old-logprobs", a.old_logprobs]
+           "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -262,6 +262,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--old-logprobs", default="sampler", choices=["sampler", "recompute"],
                    help="ours: old log-probs from the sampler (no extra forward, as TRL here) or recomputed")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 500)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per sample (the issue's: 128)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     a = p.parse_args()
     if a.side:
@@ -284,7 +286,7 @@ def main():
                       "ours_steps_s": ours["steps_s"], "trl_steps_s": trl["steps_s"],
                       "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": trl["prompt_tokens"],
                       "response_length": ours["response_length"], "trl_response_length": trl["response_length"],
-                      "old_logprobs": a.old_logprobs, "steps": a.steps, "threads": a.threads}))
+                      "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads}))
 
 
 if __name__ == "__main__":
