@@ -1,0 +1,293 @@
+"""Benchmark: one GRPO optimizer step, ours (rl/grpo_trainer.py) against TRL's GRPOTrainer, same model and sizes.
+
+    python scripts/bench_grpo.py [--steps 2] [--threads 2] [--old-logprobs sampler|recompute]
+
+The step: SmolLM2-135M-Instruct in float32 on CPU, 4 chat prompts of about 500 tokens, G = 4 samples each at
+temperature 1.0, exactly 128 new tokens per sample (EOS held back until then on both sides), rewards from the same
+cheap toy function (share of the token " the"), group-relative advantages, one PPO epoch = one optimizer step over
+the 16 rows in micro-batches of 4 rows, KL to the frozen reference on (coefficient 0.001, so both sides run the
+reference forward), AdamW, gradient clipping.
+
+Matching the two sides
+- Rows: TRL counts rows, so per_device_train_batch_size = 4 rows per micro-batch and gradient_accumulation_steps =
+  4 give one generation of 16 rows (4 prompts x 4) and one optimizer step per generation, as our prompts_per_step 4
+  = mini_batch_prompts 4, micro_batch_rows 4.
+- Length: TRL's generation_kwargs min_new_tokens = 128 (transformers suppresses EOS before that); ours passes
+  min_new_tokens = max_new_tokens to the sampler (the trainer has no flag for it, so this script wraps the
+  sampler's `generate` as the trainer imports it).
+- Old log-probs: with one generation per optimizer step and one iteration, TRL skips the "old" forward pass and
+  uses the detached current log-probs (the ratio is 1 by construction). `--old-logprobs sampler` (the default
+  here) does the same work on our side: the sampler's own log-probs are the old ones, no extra forward.
+  `--old-logprobs recompute` (our trainer's default) adds one no-grad forward over the 16 rows.
+- Each side runs in its own child process (this script re-invoked with --side ours / --side trl) so that the
+  peak RSS (ru_maxrss) of one does not include the other. Steps: one warm-up step, then --steps timed steps.
+
+Phases. Ours, from grpo_step's metrics: rollout (sampling), scoring (rewards, advantages), update (old and
+reference log-probs, PPO micro-batches, optimizer). TRL, from wrappers around its methods: rollout
+(`_generate_single_turn`, i.e. model.generate), scoring (the rest of `_generate_and_score_completions`: rewards,
+advantages and the reference forward), update (the rest of the step: forward/backward, optimizer). Note that the
+reference forward is in TRL's scoring phase and in our update phase: compare the totals.
+
+The last line of output is one JSON object with the figures; "ratio" = TRL seconds per step / ours (target >= 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL = "smollm2-135m-instruct"
+N_PROMPTS, PROMPT_TOKENS, G, NEW_TOKENS, MICRO_ROWS, KL = 4, 500, 4, 128, 4, 0.001
+WORDS = ("the a user item rating review liked disliked music album song sound vocals guitar lyrics band track "
+         "great poor quality price delivery recommend again fan classic style mood energy slow fast long short "
+         "bought gift stars listen favourite heavy soft jazz rock pop folk beat melody chorus production").split()
+
+
+# ---- what both sides share --------------------------------------------------------------------------------------
+def prompt_messages(tokenizer, tokens: int = PROMPT_TOKENS, n: int = N_PROMPTS, seed: int = 0) -> list[list[dict]]:
+    """n single-turn chats whose rendered prompt (chat template + generation prompt) is about `tokens` tokens."""
+    rng = random.Random(seed)
+    overhead = len(tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    out = []
+    for _ in range(n):
+        lines = []
+        for k in range(60):  # more than enough text, cut to length below
+            words = " ".join(rng.choice(WORDS) for _ in range(18))
+            lines.append(f"{k + 1}. Item: {words}. Rating: {rng.randint(1, 5)}")
+        ids = tokenizer.encode("Write a profile of this user from the history.\n" + "\n".join(lines),
+                               add_special_tokens=False)[:tokens - overhead]
+        out.append([{"role": "user", "content": tokenizer.decode(ids)}])
+    return out
+
+
+def target_token(tokenizer) -> int:
+    return int(tokenizer.encode(" the", add_special_tokens=False)[0])
+
+
+def token_share(ids, target: int) -> float:
+    """The toy reward: the share of `target` among the completion's tokens (cheap, deterministic)."""
+    ids = list(ids)
+    return sum(int(t) == target for t in ids) / max(1, len(ids))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def summary(times: list[float], phases: dict[str, list[float]]) -> dict:
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    return {"s_per_step": round(mean(times), 3), "steps_s": [round(t, 3) for t in times],
+            "phases": {k: round(mean(v), 3) for k, v in phases.items()}, "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+# ---- ours -------------------------------------------------------------------------------------------------------
+class FixedPromptEnv:
+    """The environment interface of rl/envs.py over fixed token prompts, with the token-share reward."""
+
+    def __init__(self, prompts: list[list[int]], target: int):
+        from rl.envs import Episode
+
+        self.episodes = [Episode(p, {"index": i}) for i, p in enumerate(prompts)]
+        self.target = target
+
+    def num_prompts(self) -> int:
+        return len(self.episodes)
+
+    def episode(self, index: int):
+        return self.episodes[index]
+
+    def score(self, episodes, completions, texts, d=None):
+        import torch
+
+        rewards = torch.tensor([token_share(c, self.target) for c in completions], dtype=torch.float32)
+        return rewards, torch.zeros(len(completions), dtype=torch.bool), {}
+
+    def validate(self, policy, tokenizer, d=None) -> dict:
+        return {}
+
+
+def run_ours(a) -> dict:
+    import tempfile
+
+    import torch
+
+    import model.sampler as S
+    import rl.grpo_trainer as GT
+    from rl import distributed as D
+    from rl.loop import build_models
+    from rl.optim import make_optimizer, make_scheduler
+    from rl.tracking import Tracker
+
+    torch.manual_seed(0)
+    d = D.setup("cpu")
+    models = build_models(MODEL, "reference", None, False, d)
+    tok = models.tokenizer
+    prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens)]
+    env = FixedPromptEnv(prompts, target_token(tok))
+    cfg = GT.GRPOConfig(model=MODEL, env="bench", prompts_per_step=N_PROMPTS, group_size=G, temperature=1.0,
+                        max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=N_PROMPTS,
+                        micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
+                        max_steps=a.steps + 1, device="cpu")
+    # exactly --new-tokens tokens per row, as TRL's min_new_tokens: EOS is held back until the last one
+    def generate_full_length(model, prompts, max_new_tokens, **kw):
+        return S.generate(model, prompts, max_new_tokens, min_new_tokens=max_new_tokens, **kw)
+
+    GT.generate = generate_full_length
+    optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, 0, cfg.max_steps, "constant")
+    tracker = Tracker(tempfile.gettempdir(), enabled=False)
+    times, phases = [], {"rollout": [], "scoring": [], "update": []}
+    for step in range(a.steps + 1):
+        t0 = time.perf_counter()
+        m = GT.grpo_step(step, cfg, models, env, optimizer, scheduler, d, tracker)
+        dt = time.perf_counter() - t0
+        print(f"ours step {step}{' (warm-up)' if step == 0 else ''}: {dt:.2f} s, rollout {m['time_rollout']:.2f} "
+              f"scoring {m['time_scoring']:.2f} update {m['time_update']:.2f}, response length "
+              f"{m['response_length']:.0f}, reward {m['reward_mean']:.4f}, kl {m['kl']:.2e}", flush=True)
+        if step == 0:
+            continue
+        times.append(dt)
+        for k in phases:
+            phases[k].append(m[f"time_{k}"])
+    out = summary(times, phases)
+    out.update(prompt_tokens=[len(p) for p in prompts], response_length=m["response_length"],
+               old_logprobs=a.old_logprobs)
+    return out
+
+
+# ---- TRL --------------------------------------------------------------------------------------------------------
+def run_trl(a) -> dict:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from model import load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    path = str(resolve_model(MODEL))
+    tok = load_tokenizer(MODEL)
+    target = target_token(tok)
+    messages = prompt_messages(tok, a.prompt_tokens)
+    dataset = Dataset.from_list([{"prompt": m} for m in messages])
+
+    def reward_token_share(prompts, completions, completion_ids, **kw):
+        return [token_share(c, target) for c in completion_ids]
+
+    phases = {"rollout": 0.0, "scoring": 0.0}
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        def _generate_single_turn(self, *args, **kw):
+            t0 = time.perf_counter()
+            out = super()._generate_single_turn(*args, **kw)
+            phases["rollout"] += time.perf_counter() - t0
+            return out
+
+        def _generate_and_score_completions(self, *args, **kw):
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(*args, **kw)
+            phases["scoring"] += time.perf_counter() - t0  # includes rollout: subtracted below
+            return out
+
+    times, per_phase, lengths = [], {"rollout": [], "scoring": [], "update": []}, []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            phases.update(rollout=0.0, scoring=0.0)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            dt = time.perf_counter() - self.t0
+            step = state.global_step - 1
+            buf = trainer._buffered_inputs
+            n = int(sum(b["completion_mask"].sum() for b in buf)) / sum(b["completion_mask"].shape[0] for b in buf)
+            r, s = phases["rollout"], phases["scoring"] - phases["rollout"]
+            print(f"trl  step {step}{' (warm-up)' if step == 0 else ''}: {dt:.2f} s, rollout {r:.2f} scoring {s:.2f} "
+                  f"update {dt - r - s:.2f}, response length {n:.0f}", flush=True)
+            if step > 0:
+                times.append(dt)
+                lengths.append(n)
+                for k, v in (("rollout", r), ("scoring", s), ("update", dt - r - s)):
+                    per_phase[k].append(v)
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), use_cpu=True, bf16=False, fp16=False,
+        model_init_kwargs={"dtype": torch.float32}, num_generations=G, per_device_train_batch_size=MICRO_ROWS,
+        gradient_accumulation_steps=N_PROMPTS * G // MICRO_ROWS, max_completion_length=a.new_tokens,
+        generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=1.0, top_p=1.0, top_k=0, beta=KL,
+        num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=1e-6,
+        weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, use_vllm=False,
+        max_steps=a.steps + 1, report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
+        log_completions=False, seed=0, dataloader_num_workers=0)
+    trainer = TimedGRPOTrainer(model=path, reward_funcs=reward_token_share, args=args, train_dataset=dataset,
+                               callbacks=[StepTimer()])
+    trainer.train()
+    out = summary(times, per_phase)
+    texts = [trainer.processing_class.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+             for m in messages]
+    out.update(prompt_tokens=[len(trainer.processing_class(t, add_special_tokens=False)["input_ids"]) for t in texts],
+               response_length=sum(lengths) / max(1, len(lengths)))
+    return out
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+def child(side: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--threads", str(a.threads),
+           "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # the child's own progress lines, live; the rest kept for an error report
+            lines.append(line.rstrip("\n"))
+            if line.startswith(("ours", "trl ")):
+                print("  " + line, end="", flush=True)
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        print("\n".join(lines[-80:]), file=sys.stderr)
+        raise SystemExit(f"--side {side} failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per side (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--old-logprobs", default="sampler", choices=["sampler", "recompute"],
+                   help="ours: old log-probs from the sampler (no extra forward, as TRL here) or recomputed")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 500)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per sample (the issue's: 128)")
+    p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
+    a = p.parse_args()
+    if a.side:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        res = run_ours(a) if a.side == "ours" else run_trl(a)
+        print(json.dumps(res))
+        return
+    t0 = time.perf_counter()
+    trl, ours = child("trl", a), child("ours", a)  # TRL first: a failure in it shows early
+    ratio = trl["s_per_step"] / ours["s_per_step"]
+    print(f"ours {ours['s_per_step']:.2f} s/step {ours['phases']}, peak RSS {ours['peak_rss_mb']:.0f} MiB")
+    print(f"trl  {trl['s_per_step']:.2f} s/step {trl['phases']}, peak RSS {trl['peak_rss_mb']:.0f} MiB")
+    print(f"ratio trl/ours {ratio:.2f} (target >= 2), wall {time.perf_counter() - t0:.0f} s")
+    print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": trl["s_per_step"],
+                      "ratio": round(ratio, 3), "target_ratio": 2.0, "ok": ratio >= 2.0,
+                      "ours_phases": ours["phases"], "trl_phases": trl["phases"],
+                      "ours_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": trl["peak_rss_mb"],
+                      "ours_steps_s": ours["steps_s"], "trl_steps_s": trl["steps_s"],
+                      "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": trl["prompt_tokens"],
+                      "response_length": ours["response_length"], "trl_response_length": trl["response_length"],
+                      "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads}))
+
+
+if __name__ == "__main__":
+    main()
