@@ -19,7 +19,11 @@ from . import profiles as P
 
 class DuetEnv:
     def __init__(self, ds, tokenizer, recommender: Recommender, opt: P.HistoryOptions, max_prompt_tokens: int,
-                 max_new_tokens: int, val_examples: int, seed: int = 0, min_user_history: int = 5):
+                 max_new_tokens: int, val_examples: int, seed: int = 0, min_user_history: int = 5,
+                 response_prefix: str = "", format_reward: str = "constant", failure_reward: float = -1.0):
+        if format_reward not in ("constant", "graded"):
+            raise ValueError(f"format_reward must be 'constant' or 'graded', not {format_reward!r}")
+        self.prefix, self.format_reward, self.failure_reward = response_prefix, format_reward, failure_reward
         self.ds, self.hx, self.tok, self.rec, self.opt = ds, HistoryIndex(ds), tokenizer, recommender, opt
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         # targets with enough history for a profile to say something
@@ -39,7 +43,9 @@ class DuetEnv:
         ds = load_dataset(cfg.data or default_dataset_dir())
         rec = Recommender(rec_model, rec_tokenizer, batch_size=cfg.micro_batch_rows, device=d.device)
         opt = P.HistoryOptions(cfg.user_history, cfg.item_history, cfg.review_chars)
-        return cls(ds, tokenizer, rec, opt, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.val_examples, cfg.seed)
+        return cls(ds, tokenizer, rec, opt, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.val_examples, cfg.seed,
+                   response_prefix=cfg.response_prefix, format_reward=cfg.format_reward,
+                   failure_reward=cfg.format_failure_reward)
 
     def num_prompts(self) -> int:
         return len(self.train)
@@ -51,12 +57,13 @@ class DuetEnv:
         if index not in self._ids:
             msgs = P.profile_messages("duet", self.hx, x.user_id, x.item_id, x.timestamp, self.opt,
                                       P._title(self.ds, x.item_id))
-            self._ids[index] = P.prompt_ids(self.tok, msgs, self.max_prompt_tokens)
+            self._ids[index] = P.prompt_ids(self.tok, msgs, self.max_prompt_tokens, self.prefix)
         return Episode(self._ids[index], {"target": x})
 
     def score(self, episodes, completions, texts, d=None):
         G = len(texts) // len(episodes)
         targets = [episodes[r // G].meta["target"] for r in range(len(texts))]
+        texts = [self.prefix + t for t in texts]
         parsed = [P.parse_profile("duet", t) for t in texts]
         examples = [P.rec_example(self.hx, self.ds, x.user_id, x.item_id, x.timestamp, *(p or ("", "")),
                                   review_chars=self.opt.review_chars) for x, (p, _) in zip(targets, parsed)]
@@ -64,13 +71,19 @@ class DuetEnv:
         y = torch.tensor([x.rating for x in targets], dtype=torch.float32)
         failed = torch.tensor([p is None for p, _ in parsed])
         rewards = torch.as_tensor(rating_reward(y, y_hat.float().cpu(), failed=None), dtype=torch.float32)
+        if self.format_reward == "graded":  # a failure earns part of the way from failure_reward to 0
+            fail_r = torch.tensor([self.failure_reward * (1 - P.format_progress(t)) for t in texts])
+        else:
+            fail_r = torch.full_like(rewards, self.failure_reward)
+        rewards = torch.where(failed, fail_r, rewards)
         ok = ~failed
         reasons = Counter(re.sub(r"[^a-z]+", "_", reason.split("(")[0].split(":")[0].lower()).strip("_")
                           for p, reason in parsed if p is None)
-        info = {"pred_mae": float((y - y_hat.cpu())[ok].abs().mean()) if ok.any() else float("nan")}
+        info = {"pred_mae": float((y - y_hat.cpu())[ok].abs().mean()) if ok.any() else float("nan"),
+                "format_progress": sum(P.format_progress(t) for t in texts) / len(texts)}
         info.update({f"fail_{k[:40]}": v / len(texts) for k, v in reasons.most_common(3)})
         return rewards, failed, info
 
     def validate(self, policy, tokenizer, d) -> dict:
         return P.validate(policy, tokenizer, self.rec, self.ds, self.hx, self.valid, "duet", self.opt, d,
-                          self.max_new_tokens, self.max_prompt_tokens)
+                          self.max_new_tokens, self.max_prompt_tokens, self.prefix)

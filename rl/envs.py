@@ -3,11 +3,11 @@
 An environment owns the data and the reward; the trainer owns the model, the sampler and the update.
     num_prompts()                      -> size of the training prompt pool
     episode(index)                     -> Episode(prompt_ids, meta) for pool index `index`
-    score(episodes, texts, d)          -> (rewards (R,), failed (R,) bool, info dict of floats); rows are the
+    score(episodes, ids, texts, d)     -> (rewards (R,), failed (R,) bool, info dict of floats); rows are the
                                           G samples of each episode in order. Collective-safe: every rank calls
                                           it with the same number of rows, and it runs the same number of
                                           forward passes on every rank (it scores failed rows too, then
-                                          overwrites their reward).
+                                          gives them the environment's failure reward).
     validate(policy, tokenizer, d)     -> dict of validation metrics (greedy), same on every rank
 """
 from __future__ import annotations

@@ -40,6 +40,10 @@ class GRPOConfig:
     item_history: int = 10
     review_chars: int = 200
     max_prompt_tokens: int = 1536
+    response_prefix: str = field(default="", metadata={"help": "opens the answer, e.g. '<user_profile><cue>'"})
+    format_reward: str = field(default="constant", metadata={
+        "help": "constant: format_failure_reward for any failure (DUET); graded: a failure earns "
+                "format_failure_reward * (1 - share of the 8 tag pairs written), a signal for small models"})
     # rollout
     prompts_per_step: int = 4
     group_size: int = 4
@@ -81,7 +85,10 @@ class GRPOConfig:
 
 PRESETS = {
     # a 2-core CPU finishes a short run in about 15 minutes on the synthetic catalogue
-    "cpu-demo": {},
+    "cpu-demo": dict(prompts_per_step=2, mini_batch_prompts=2, group_size=4, micro_batch_rows=4,
+                     user_history=8, item_history=3, review_chars=60, max_new_tokens=160, temperature=0.8,
+                     lr=1e-5, response_prefix="<user_profile><cue>", format_reward="graded",
+                     old_logprobs="sampler", max_steps=10, save_every=5, val_every=5, val_examples=16),
     # hyper-parameters of DUET's public verl configuration (see DESIGN.md), Qwen3-8B on GPUs
     "duet-paper": dict(model="Qwen/Qwen3-8B", prompts_per_step=64, mini_batch_prompts=32, group_size=8,
                        micro_batch_rows=8, lr=1e-6, weight_decay=0.01, kl_coef=0.001, clip_low=0.2, clip_high=0.2,
@@ -154,7 +161,6 @@ def grpo_step(step, cfg: GRPOConfig, models: L.Models, env, optimizer, scheduler
 
     # 3. rewards; 4. advantages over each group (the whole group lives on one rank)
     rewards, failed, info = env.score(episodes, completions, texts, d)
-    rewards = torch.where(failed, torch.full_like(rewards, cfg.format_failure_reward), rewards)
     adv, adv_m = group_advantages(rewards, G, eps=cfg.adv_eps, scale_by_std=cfg.scale_adv_by_std)
     t2 = time.perf_counter()
 

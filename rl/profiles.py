@@ -5,6 +5,7 @@ cue and constructed prompt) or a baseline of the paper's appendix A.2 ("kar", "p
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,24 @@ def rec_example(hx, ds, user_id, item_id, t, user_profile, item_profile, review_
                       item.title if item else item_id, item_profile)
 
 
-def prompt_ids(tokenizer, messages, max_tokens: int) -> list[int]:
+def format_progress(text: str) -> float:
+    """Share of the 8 DUET tag pairs that are opened and closed in the text (0..1), for the graded format reward:
+    a small model that cannot yet write the whole structure still gets a gradient towards it."""
+    found = 0
+    for side in ("user_profile", "item_profile"):
+        m = re.search(rf"<{side}>(.*?)</{side}>", text, re.S)
+        block = m.group(1) if m else text.split(f"<{side}>", 1)[1] if f"<{side}>" in text else ""
+        found += bool(m) + sum(bool(re.search(rf"<{t}>\s*\S.*?</{t}>", block, re.S))
+                               for t in ("cue", "constructed_prompt", "profile"))
+    return found / 8
+
+
+def prompt_ids(tokenizer, messages, max_tokens: int, response_prefix: str = "") -> list[int]:
+    """The rendered chat prompt; `response_prefix` opens the assistant's answer (e.g. "<user_profile><cue>" to
+    start a small model on the DUET format); the parser then reads prefix + completion."""
     ids = tokenizer.encode_chat(messages)
+    if response_prefix:
+        ids = ids + tokenizer.encode(response_prefix, add_special_tokens=False)
     if len(ids) > max_tokens:
         raise ValueError(f"profile prompt of {len(ids)} tokens exceeds max_prompt_tokens={max_tokens}; "
                          "lower --user-history / --review-chars or raise the limit")
@@ -70,7 +87,7 @@ def pad_to_world(items: list, d: D.Dist) -> tuple[list, int]:
 
 @torch.no_grad()
 def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: HistoryOptions, d: D.Dist,
-             max_new_tokens: int, max_prompt_tokens: int) -> dict:
+             max_new_tokens: int, max_prompt_tokens: int, response_prefix: str = "") -> dict:
     """Greedy profiles for a fixed list of (user, item, rating, t) targets -> MAE, RMSE, Acc, F1, reward.
 
     Format failures are counted apart (not in MAE); the reward counts them at -1, as in training.
@@ -81,12 +98,13 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
 
     mine, real = pad_to_world(list(targets), d)
     prompts = [prompt_ids(tokenizer, profile_messages(style, hx, x.user_id, x.item_id, x.timestamp, opt,
-                                                      _title(ds, x.item_id)), max_prompt_tokens) for x in mine]
+                                                      _title(ds, x.item_id)), max_prompt_tokens, response_prefix)
+               for x in mine]
     policy.eval()
     with D.gathered(policy):
         out = generate(policy, prompts, max_new_tokens, temperature=0.0, eos_ids=tokenizer.eos_ids,
                        pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled)
-    texts = [tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()) for r in range(len(mine))]
+    texts = [response_prefix + tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()) for r in range(len(mine))]
     parsed = [parse_profile(style, t)[0] for t in texts]
     examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or ("", None)), opt.review_chars)
                 for x, p in zip(mine, parsed)]

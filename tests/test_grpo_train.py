@@ -178,3 +178,29 @@ def test_duet_env_rewards_parsed_profiles(tmp_path):
     assert abs(float(rewards[0]) - (1 - abs(x.rating - float(y_hat[0])) / 4)) < 1e-5
     assert ep.prompt_ids == tok.encode_chat(P.profile_messages("duet", env.hx, x.user_id, x.item_id, x.timestamp,
                                                                 env.opt, ds.items[x.item_id].title))
+
+
+def test_format_progress_and_graded_failure_reward(tmp_path):
+    from data import load_dataset
+    from eval.recommender import Recommender
+    from model import load_model, load_tokenizer
+    from rl import profiles as P
+    from rl.duet_env import DuetEnv
+
+    side = "<{0}><cue>a</cue><constructed_prompt>b</constructed_prompt><profile>c</profile></{0}>"
+    assert P.format_progress(side.format("user_profile") + side.format("item_profile")) == 1.0
+    assert P.format_progress(side.format("user_profile")) == 0.5
+    assert P.format_progress("<user_profile><cue>x</cue> and then nothing") == 1 / 8
+    assert P.format_progress("<user_profile><cue> </cue>") == 0.0  # an empty field does not count
+    path = tiny_chat_model(tmp_path / "tiny")
+    ds = load_dataset(tiny_dataset(tmp_path / "data"))
+    model, tok = load_model(path), load_tokenizer(path)
+    env = DuetEnv(ds, tok, Recommender(model, tok), P.HistoryOptions(3, 2, 40), 4096, 16, 2,
+                  response_prefix="<user_profile><cue>", format_reward="graded")
+    ep = env.episode(0)
+    assert ep.prompt_ids[-len(tok.encode("<user_profile><cue>", add_special_tokens=False)):] == \
+        tok.encode("<user_profile><cue>", add_special_tokens=False)
+    # the completion continues the prefix: 'x</cue>' completes 1 of 8 pairs -> -1 * (1 - 1/8)
+    rewards, failed, _ = env.score([ep], [[1], [1]], ["x</cue> nothing else", "no tags"])
+    assert failed.tolist() == [True, True]
+    assert rewards.tolist() == pytest.approx([-7 / 8, -1.0])
