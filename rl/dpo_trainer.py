@@ -32,7 +32,7 @@ STAGES = ("explore", "score", "pairs", "train")
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(L.RunConfig):
     """LettinGo / DPO. Every field is a flag (--field-name); --preset picks the defaults."""
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy (and reference) model"})
     explorers: list = field(default_factory=lambda: ["smollm2-135m-instruct"],
@@ -65,21 +65,7 @@ class DPOConfig:
     micro_batch_pairs: int = 2
     lr: float = 5e-6
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    grad_clip: float = 1.0
-    max_steps: int = 30
-    seed: int = 0
-    save_every: int = 10
-    keep_checkpoints: int = 2
-    resume: bool = False
-    stop_after: int = field(default=0, metadata={"help": "end this session after N steps (the schedule still "
-                                                         "spans max_steps); continue later with --resume"})
-    val_every: int = 10
-    val_examples: int = 32
     log_text_every: int = 10
-    activation_checkpointing: bool = False
-    device: str = ""
 
 
 PRESETS = {

@@ -27,8 +27,9 @@ from .tracking import Tracker
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO for DUET profiles. Every field is a flag (--field-name); --preset picks the defaults."""
+class GRPOConfig(L.RunConfig):
+    """GRPO for DUET profiles. Every field is a flag (--field-name); --preset picks the defaults (the run's
+    own flags, shared with DPO, are in rl/loop.py::RunConfig)."""
     # what to train, on what
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy (and reference) model source"})
     recommender: str = field(default="reference", metadata={"help": "'reference' shares the frozen reference"})
@@ -56,11 +57,6 @@ class GRPOConfig:
     mini_batch_prompts: int = 4
     micro_batch_rows: int = 4
     ppo_epochs: int = 1
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    grad_clip: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.001
@@ -68,19 +64,6 @@ class GRPOConfig:
     scale_adv_by_std: bool = True
     loss_agg: str = "token-mean"
     format_failure_reward: float = -1.0
-    # run
-    max_steps: int = 30
-    seed: int = 0
-    save_every: int = 10
-    keep_checkpoints: int = 2
-    resume: bool = False
-    stop_after: int = field(default=0, metadata={"help": "end this session after N steps (the schedule still "
-                                                         "spans max_steps); continue later with --resume"})
-    val_every: int = 10
-    val_examples: int = 32
-    log_text_every: int = 5
-    activation_checkpointing: bool = False
-    device: str = ""
 
 
 PRESETS = {

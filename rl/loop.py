@@ -3,7 +3,7 @@ logging, validation, checkpoints and resume. A trainer supplies only its `step` 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,28 @@ from . import distributed as D
 from .config import save_config
 from .optim import make_optimizer, make_scheduler
 from .tracking import Tracker
+
+
+@dataclass
+class RunConfig:
+    """Flags every trainer shares: optimisation schedule, run length, checkpoints, validation, logging."""
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_schedule: str = field(default="constant", metadata={"help": "constant | cosine (after the warmup)"})
+    grad_clip: float = 1.0
+    max_steps: int = 30
+    seed: int = 0
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --run-dir"})
+    stop_after: int = field(default=0, metadata={"help": "end this session after N steps (the schedule still "
+                                                         "spans max_steps); continue later with --resume"})
+    val_every: int = 10
+    val_examples: int = 32
+    log_text_every: int = 5
+    activation_checkpointing: bool = False
+    device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:

@@ -15,17 +15,9 @@ from rl.config import parse_config
 from rl.dpo_trainer import PRESETS, DPOConfig, main, pair_logprobs
 from rl.lettingo import read_jsonl, select_pairs, write_jsonl_atomic
 from rl.tracking import read_metrics
-from tests.tiny import tiny_chat_model, tiny_dataset
+from tests.tiny import one_thread, tiny_chat_model, tiny_dataset  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,12 @@ from safetensors.torch import load_file
 from rl.config import parse_config
 from rl.grpo_trainer import PRESETS, GRPOConfig, train
 from rl.tracking import read_metrics
-from tests.tiny import STORIES, tiny_chat_model, tiny_dataset
+from tests.tiny import STORIES, one_thread, tiny_chat_model, tiny_dataset  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--env", "toy", "--model", str(STORIES), "--prompts-per-step", "4", "--mini-batch-prompts", "2",
        "--group-size", "4", "--micro-batch-rows", "2", "--max-new-tokens", "12", "--lr", "3e-4",
        "--kl-coef", "0.05", "--val-every", "0", "--log-text-every", "1", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is faster, and steadier on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg_from(argv):

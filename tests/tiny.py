@@ -3,6 +3,9 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+import torch
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"
 
@@ -31,3 +34,13 @@ def tiny_dataset(dest: Path, users: int = 30, items: int = 50, seed: int = 0) ->
                          min_per_user=20, max_per_user=30)
         prepare("synthetic", files["reviews"], dest, meta=files["meta"], oracle=files["oracle"], overwrite=True)
     return dest
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one thread is faster, and steadier on a shared 2-core machine.
+    Autouse in every test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
