@@ -69,7 +69,9 @@ class DPOConfig(L.RunConfig):
 
 
 PRESETS = {
-    "cpu-demo": {},
+    # small enough for a 2-core CPU: 16 users x 2 styles x 2 temperatures, one candidate each
+    "cpu-demo": dict(users=16, samples=1, max_steps=20, pairs_per_step=4, micro_batch_pairs=2, user_history=12,
+                     review_chars=80, max_new_tokens=96, save_every=10, val_every=10, val_examples=16),
     # LettinGo-scale exploration on GPUs (several explorer LLMs; see shared/papers/lettingo-code-readme.txt)
     "lettingo-paper": dict(model="Qwen/Qwen3-8B", explorers=["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"],
                            users=100_000, heldout=5, samples=4, temperatures=[0.6, 1.0, 1.3],
