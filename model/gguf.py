@@ -275,11 +275,11 @@ def _save_tokenizer(reader, gguf_path: Path, out: Path):
     if "tokenizer.ggml.model" not in reader.fields:
         raise ValueError(f"{gguf_path}: the GGUF file has no tokenizer (tokenizer.ggml.* metadata)")
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokens = _field(reader, "tokenizer.ggml.tokens", path=gguf_path)
-    for attr in ("bos", "eos"):
+    for attr in ("bos", "eos"):  # the GGUF's own special tokens win (SmolLM2-Instruct's eos is <|im_end|>)
         i = _field(reader, f"tokenizer.ggml.{attr}_token_id", None)
-        if i is not None and getattr(tok, f"{attr}_token") != tokens[i]:
-            setattr(tok, f"{attr}_token", tokens[i])
+        token = None if i is None else reader.fields["tokenizer.ggml.tokens"].contents(i)
+        if token is not None and getattr(tok, f"{attr}_token") != token:
+            setattr(tok, f"{attr}_token", token)
     template = _field(reader, "tokenizer.chat_template", None)
     if template is not None:
         tok.chat_template = template

@@ -192,6 +192,12 @@ def test_tiny_mixed_types_match_transformers_gguf(tmp_path):
         src_down = src.model.layers[1].mlp.down_proj.weight.detach().numpy()
         np.testing.assert_array_equal(down, src_down.astype(np.float16))
 
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    chat = tok.apply_chat_template([{"role": "user", "content": "the"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nthe<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode(" the") == [TINY_TOKENS.index("Ġthe")]
+
     ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ref = transformers_gguf_model(path)
     ids = [1, 40, 75, 120, 7, 259, 2, 33, 90]
