@@ -67,7 +67,7 @@ class GRPOConfig(L.RunConfig):
 
 
 PRESETS = {
-    # a 2-core CPU finishes a short run in about 15 minutes on the synthetic catalogue
+    # synthetic catalogue, small batches and short histories: 2-4 minutes per step on a 2-core CPU
     "cpu-demo": dict(prompts_per_step=2, mini_batch_prompts=2, group_size=4, micro_batch_rows=4,
                      user_history=8, item_history=3, review_chars=60, max_new_tokens=160, temperature=0.8,
                      lr=1e-5, response_prefix="<user_profile><cue>", format_reward="graded",
