@@ -109,19 +109,3 @@ class Recommender:
                                 num_logits_to_keep=1)  # (B, 1, V); positions = cumsum(mask) - 1
             out[idx] = logits[:, -1, :].index_select(-1, digit).float().cpu()  # (B, 5)
         return expected_rating(out)
-
-
-def find_model(alias: str = "smollm2-135m-instruct", env: str = "SMOLLM2_DIR"):
-    """A loadable name for a small instruct model: the alias when model/ can resolve it, else the directory in the
-    environment variable `env`; None when neither works (tests and benchmarks then skip with this reason)."""
-    import os
-    from pathlib import Path
-
-    from model import resolve_model
-    try:
-        return str(resolve_model(alias))
-    except Exception:
-        d = os.environ.get(env)
-        if d and (Path(d) / "config.json").exists():
-            return d
-    return None

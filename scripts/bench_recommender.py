@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from eval.recommender import (RecExample, Recommender, expected_rating, find_model, left_pad,  # noqa: E402
+from eval.recommender import (RecExample, Recommender, expected_rating, left_pad,  # noqa: E402
                               length_batches)
 from model import load_model, load_tokenizer  # noqa: E402
 
@@ -50,15 +50,13 @@ def prompts_from(rec, data, n):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="default: smollm2-135m-instruct or $SMOLLM2_DIR")
+    p.add_argument("--model", default=None, help="default: smollm2-135m-instruct")
     p.add_argument("--data", help="canonical dataset dir (default: prompts built from made-up histories)")
     p.add_argument("--n", type=int, default=48, help="examples per timing")
     p.add_argument("--batch-sizes", default="4,8,16")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
-    name = a.model or find_model()
-    if name is None:
-        raise SystemExit("no model: pass --model or set SMOLLM2_DIR")
+    name = a.model or "smollm2-135m-instruct"
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(name)

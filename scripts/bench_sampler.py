@@ -38,16 +38,9 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "E
 
 
 def model_path(name: str):
-    """The model through the registry, else $SMOLLM2_DIR (an HF-format directory)."""
-    try:
-        from model import resolve_model
+    from model import resolve_model
 
-        return resolve_model(name)
-    except Exception:
-        d = os.environ.get("SMOLLM2_DIR")
-        if d and (Path(d) / "config.json").exists():
-            return Path(d)
-        raise SystemExit(f"model {name!r} not found: install it or set SMOLLM2_DIR to an HF-format directory")
+    return resolve_model(name)
 
 
 def bandwidth_gbs() -> float:

