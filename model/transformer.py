@@ -22,6 +22,27 @@ except Exception:  # ImportError, or a broken CUDA build
     flash_attn_func = None
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) with a faster path for decode steps on the CPU.
+
+    A decode step multiplies a handful of rows x (N, in) by every weight W (out, in). MKL's sgemm runs
+    y^T = W @ x^T (a tall, thin product) 1.2-2x faster than y = x @ W^T for N <= 128 on our 2-core machine
+    (the lm_head of SmolLM2 at N = 16: 16 ms against 23 ms; see scripts/bench_sampler.py). The two differ only
+    in float rounding (the order of the sums). Training (grad enabled), large N and CUDA keep F.linear.
+    """
+
+    DECODE_ROWS = 128
+
+    def forward(self, x):
+        if x.is_cuda or torch.is_grad_enabled() or x.numel() > self.DECODE_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = torch.mm(self.weight, rows.t()).t().contiguous()  # (N, out); row-major for what follows
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -66,10 +87,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, D, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -104,9 +125,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(D, F_, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(F_, D, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(D, F_, bias=cfg.mlp_bias)
+        self.up_proj = Linear(D, F_, bias=cfg.mlp_bias)
+        self.down_proj = Linear(F_, D, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -140,7 +161,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -4,7 +4,9 @@ Same rendered prompts (10H prompts of a dataset's test split, or synthetic histo
 left-padded batches; the reference runs transformers' forward with the attention mask and position ids
 cumsum(mask) - 1, takes the last position's logits of the five digits and the expectation. Each batch size of
 --batch-sizes is timed for ours, the fastest is kept, and the reference is timed at that batch size
-interleaved with ours (one run, alternating, so that the load of the machine hits both alike).
+interleaved with ours (one run, alternating, so that the load of the machine hits both alike). Ours computes
+the prompts' shared prefix (chat header and instruction) once per call (eval/recommender.py); its time without
+that is printed too (ours_no_prefix_ex_per_s), so the two sources of the ratio can be told apart.
 
     python scripts/bench_recommender.py --model smollm2-135m-instruct --data out/data/synthetic --n 48
 Last line: JSON {"ours_ex_per_s", "hf_ex_per_s", "ratio", "batch_size", ...}.
@@ -98,8 +100,14 @@ def main():
         ref.append(t)
         diff = max(diff, float((e1 - e2).abs().max()))
     o, r = len(texts) / min(ours), len(texts) / min(ref)
-    print(f"batch {best}: ours {o:.1f} examples/s, transformers {r:.1f} examples/s, max |diff| {diff:.2e}")
+    rec.share_prefix = False
+    no_prefix = len(texts) / min(time_ours(best)[0] for _ in range(a.repeats))
+    rec.share_prefix = True
+    print(f"batch {best}: ours {o:.1f} examples/s ({no_prefix:.1f} without prefix sharing), transformers {r:.1f} "
+          f"examples/s, max |diff| {diff:.2e}")
     print(json.dumps({"ours_ex_per_s": round(o, 2), "hf_ex_per_s": round(r, 2), "ratio": round(o / r, 3),
+                      "ours_no_prefix_ex_per_s": round(no_prefix, 2),
+                      "shared_prefix_tokens": rec.shared_prefix_len(seqs),
                       "batch_size": best, "n": len(texts), "max_abs_diff": diff,
                       "per_batch_size_ex_per_s": {b: round(len(texts) / t, 2) for b, t in per_bs.items()}}))
 

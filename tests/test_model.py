@@ -193,3 +193,23 @@ def test_unsupported_config_is_a_clear_error(tmp_path, change, match):
     shutil.copy(STORIES / "model.safetensors", d)
     with pytest.raises(ConfigError, match=match):
         load_model(d)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 128, 129])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_equals_f_linear(rows, bias):
+    """Linear's decode path (W @ x^T for few rows, no grad, CPU) gives F.linear's values, shape and layout."""
+    from model.transformer import Linear
+
+    torch.manual_seed(rows)
+    lin = Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 1, 48)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        got = lin(x)
+    assert got.shape == want.shape == (rows, 1, 80) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    y = lin(x)  # grad enabled: the training path, differentiable
+    assert y.requires_grad
+    y.sum().backward()
+    assert lin.weight.grad is not None

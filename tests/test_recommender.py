@@ -42,14 +42,19 @@ def test_left_pad_and_length_batches():
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found (shared/ beside the repository)")
-def test_score_prompts_matches_transformers_tiny_model():
+@pytest.mark.parametrize("head", ["", "Once upon a time there was a girl who liked stories. "])
+def test_score_prompts_matches_transformers_tiny_model(head):
+    """Without and with a shared prefix (computed once, then copied into each batch's cache)."""
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(STORIES)
     rec = Recommender(load_model(STORIES), tok, batch_size=3)
     hf = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
-    texts = ["Once upon a time - rated ", "Lily liked the park. She rated ", "x rated ",
-             "The cat sat on the mat and the dog barked all day long. It was rated ", "Tom - rated "]
+    texts = [head + t for t in ["Once upon a time - rated ", "Lily liked the park. She rated ", "x rated ",
+                                "The cat sat on the mat and the dog barked all day long. It was rated ",
+                                "Tom - rated "]]
+    seqs = [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert (rec.shared_prefix_len(seqs) > 5) == bool(head)
     e, p = rec.score_prompts(texts)  # left-padded batches of 3, sorted by length
     for k, t in enumerate(texts):
         want, pw = reference_expected(hf, tok, t, rec.digit_ids)
