@@ -33,10 +33,11 @@ class Item(NamedTuple):
 class Dataset:
     """Interactions sorted by timestamp, items by id, optional oracle profiles, and the manifest."""
 
-    def __init__(self, interactions, items, oracle=None, manifest=None):
+    def __init__(self, interactions, items, oracle=None, manifest=None, oracle_taste=None):
         self.interactions = interactions
         self.items = items
-        self.oracle = oracle or {}
+        self.oracle = oracle or {}  # user_id -> hidden taste as text (synthetic data)
+        self.oracle_taste = oracle_taste or {}  # user_id -> the whole oracle_profiles.jsonl record
         self.manifest = manifest or {}
         self._splits = {}
 
@@ -86,9 +87,9 @@ def load_dataset(dir):
             raise DataError(f"{path}: interaction {n} is out of timestamp order")
         last = x.timestamp
         inter.append(x)
-    oracle = {}
+    oracle, taste = {}, {}
     op = d / "oracle_profiles.jsonl"
     if op.exists():
-        for (uid, prof), _ in _records(op, ("user_id", "profile")):
-            oracle[uid] = prof
-    return Dataset(inter, items, oracle, manifest)
+        for (uid, prof), rec in _records(op, ("user_id", "profile")):
+            oracle[uid], taste[uid] = prof, rec
+    return Dataset(inter, items, oracle, manifest, oracle_taste=taste)

@@ -262,15 +262,15 @@ def recommender_prompt(history, item_title: str, user_profile: str | None = None
     The rating is asked as the continuation of the user's own rating list: the assistant turn opens with
     `N+1. "Target title" - rated `, so the digit follows the same pattern as the N history lines (small models
     copy such patterns far better than they follow an instruction; tried with SmolLM2-135M, results/README.md).
-    Profiles come first with the instruction to base the rating on them. Without profiles (10H) it is the ten
-    most recent interactions only."""
+    The profiles open the assistant turn, in parentheses, right before that line: placed in the user message
+    (first or last), SmolLM2-135M ignored them entirely (a profile "rates every album 1/5" moved no prediction),
+    while here a profile that states a rating moves the digit (results/README.md). Without profiles (10H) it is
+    the ten most recent interactions only, and the prompt is the same as before that change."""
     parts = ["Predict how this user rates the target item, from 1 to 5."]
-    if user_profile is not None:
-        parts.append(f"USER PROFILE (the most reliable information: base the rating on it):\n{_clean(user_profile)}")
-    if item_profile is not None:
-        parts.append(f"TARGET ITEM PROFILE:\n{_clean(item_profile)}")
     parts.append(f"THE USER'S MOST RECENT RATINGS (oldest first):\n{format_user_history(history, with_reviews)}")
     parts.append(f'TARGET ITEM: "{_clean(item_title)}"\n'
                  "Continue the list with the target item and the user's rating of it.")
-    prefix = f'{len(history) + 1}. "{_clean(item_title)}" - rated '
+    notes = ([f"(User profile: {_clean(user_profile)})\n"] if user_profile is not None else []) + \
+        ([f"(Target item profile: {_clean(item_profile)})\n"] if item_profile is not None else [])
+    prefix = "".join(notes) + f'{len(history) + 1}. "{_clean(item_title)}" - rated '
     return _user("\n\n".join(parts)), prefix

@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -90,6 +91,30 @@ def oracle_text(u):
     return (f"Loves {lg} music, especially {MOODS[u['like_m']]} records and the {ERAS[u['like_e']]} sound. "
             f"Dislikes {GENRES[u['dis_g']]} and anything {MOODS[u['dis_m']]}; such albums get low ratings. "
             f"Otherwise {tone}.")
+
+
+_TITLE_ATTRS = re.compile(r"\((?P<mood>[a-z]+) (?P<genre>[a-z ]+), (?P<era>\d{4}s)\)$")
+
+
+def oracle_pair_profile(taste: dict, title: str) -> str:
+    """The oracle profile of a (user, item) pair: the user's hidden taste applied to the item's attributes.
+
+    taste: a line of oracle_profiles.jsonl ({"liked": [genre, genre, mood, era], "disliked": [genre, mood],
+    "bias"}); title: the item's title, which names its attributes, e.g. "Quiet Stars (upbeat metal, 1990s)".
+    The text states the rating the generator expects before noise, round(clip(BASE + bias + LIKE * #liked -
+    DISLIKE * #disliked, 1, 5)): the best a profile written for this pair can say (DUET writes its profiles for a
+    (user, item) pair). The realised rating adds noise (sd NOISE) and rounding, so the oracle is not exact.
+    The user's taste alone, as text, did not move SmolLM2-135M's prediction at all (results/README.md).
+    """
+    m = _TITLE_ATTRS.search(title)
+    if m is None:
+        raise ValueError(f"not a synthetic title (expected '... (mood genre, era)'): {title!r}")
+    mood, genre, era = m["mood"], m["genre"], m["era"]
+    liked, disliked = taste["liked"], taste["disliked"]
+    n_like = (genre in liked[:2]) + (mood == liked[2]) + (era == liked[3])
+    n_dis = (genre == disliked[0]) + (mood == disliked[1])
+    expected = float(np.clip(BASE + taste["bias"] + LIKE * n_like - DISLIKE * n_dis, 1, 5))
+    return f"Would rate this {mood} {genre} album about {int(np.rint(expected))}/5."
 
 
 def affinity(u, g, m, e):

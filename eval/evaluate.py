@@ -11,7 +11,8 @@ Methods
 - kar, palr, rlmrec, lg: a zero-shot user profile written by the generator (paper appendix A.2) from the user's
   last `profile_history` interactions before the target, then the recommender with that profile;
 - duet: one generation writes the user and the item profile for the (user, item) pair (data/prompts.py);
-- oracle: the synthetic data's hidden taste text as the user profile (the upper bound of a profile).
+- oracle: the synthetic data's hidden taste applied to the target item, as the user profile (the upper bound
+  of a profile written for the pair: data/synthetic.py::oracle_pair_profile).
 
 A generation that fails its parser (DUET tags, RLMRec JSON, an empty answer) is a format failure: counted in
 `format_failures`, written to predictions.jsonl with its reason, and left out of MAE/RMSE/Acc/F1 (DESIGN.md).
@@ -25,7 +26,7 @@ import numpy as np
 
 from data import prompts as P
 from data.history import HistoryIndex
-from eval.metrics import rating_metrics
+from eval.metrics import ranking_metrics, rating_metrics
 from eval.profiles import ProfileCache, cached_generate, render_generation_prompt
 from eval.recommender import RecExample, Recommender
 
@@ -53,6 +54,36 @@ def build_examples(ds, split: str, limit: Optional[int] = None, seed: int = 0) -
     for x in rows:
         item = ds.items.get(x.item_id)
         out.append(EvalExample(x.user_id, x.item_id, x.rating, x.timestamp, item.title if item else x.item_id))
+    return out
+
+
+def negative_examples(ds, examples, n: int, seed: int = 0) -> list[EvalExample]:
+    """For each example, n items its user never rated (in any split), drawn uniformly without replacement
+    (seeded), as examples at the same timestamp with rating 0 (unknown): example j's negatives are
+    out[j * n:(j + 1) * n]. Raises if a user has rated all but fewer than n items."""
+    rated: dict[str, set] = {}
+    for x in ds.interactions:
+        rated.setdefault(x.user_id, set()).add(x.item_id)
+    items = sorted(ds.items)
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        pool = [i for i in items if i not in rated.get(e.user_id, ())]
+        if len(pool) < n:
+            raise ValueError(f"user {e.user_id} has only {len(pool)} unrated items, fewer than {n} negatives")
+        out += [EvalExample(e.user_id, i, 0, e.timestamp, ds.items[i].title) for i in rng.sample(pool, n)]
+    return out
+
+
+def ranking_from_predictions(pos_rows: list[dict], neg_rows: list[dict], n: int, ks=(1, 5, 10)) -> dict:
+    """Hit@k, NDCG@k and MRR of each positive against its n negatives, ranked by predicted rating (ties
+    pessimistic: a tie ranks the positive below). A format failure (prediction None) on either side is scored
+    below every scored item; examples whose own prediction failed are kept (they rank last, never skipped)."""
+    low = -1e9  # below any rating
+    pos = np.array([low if r["prediction"] is None else r["prediction"] for r in pos_rows], dtype=float)
+    neg = np.array([low if r["prediction"] is None else r["prediction"] for r in neg_rows], dtype=float)
+    out = ranking_metrics(pos, neg.reshape(len(pos_rows), n), ks=ks)
+    out["ranking_negatives"] = n
     return out
 
 
@@ -106,8 +137,9 @@ def llm_profiles(method: str, examples, hist: HistoryIndex, generator, gen_tok, 
 def evaluate_method(method: str, examples, ds, *, recommender: Recommender | None = None, generator=None,
                     gen_tok=None, cache: ProfileCache | None = None, hist: HistoryIndex | None = None,
                     rec_history: int = 10, profile_history: int = 30, max_new_tokens: int = 256,
-                    gen_batch_size: int = 8, progress=None) -> tuple[dict, list[dict]]:
-    """Score one method on the examples -> (metrics dict of eval/metrics.rating_metrics, prediction rows)."""
+                    gen_batch_size: int = 8, progress=None, with_metrics: bool = True) -> tuple[dict, list[dict]]:
+    """Score one method on the examples -> (metrics dict of eval/metrics.rating_metrics, prediction rows).
+    with_metrics=False: predictions only, metrics None (ranking negatives, whose rating is unknown)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     y = np.array([e.rating for e in examples], dtype=float)
@@ -115,7 +147,7 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
         pred = classic_predictions(method, ds, examples)
         rows = [{"user_id": e.user_id, "item_id": e.item_id, "rating": e.rating, "prediction": float(p),
                  "probs": None, "prompt": None} for e, p in zip(examples, pred)]
-        return rating_metrics(y, pred), rows
+        return (rating_metrics(y, pred) if with_metrics else None), rows
 
     if recommender is None:
         raise ValueError(f"method {method} needs a recommender")
@@ -128,7 +160,9 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
         missing = [e.user_id for e in examples if e.user_id not in ds.oracle]
         if missing:
             raise ValueError(f"no oracle profile for user {missing[0]} ({len(missing)} users missing)")
-        users = [ds.oracle[e.user_id] for e in examples]
+        from data.synthetic import oracle_pair_profile
+
+        users = [oracle_pair_profile(ds.oracle_taste[e.user_id], e.item_title) for e in examples]
     elif method != "10h":
         if generator is None or gen_tok is None:
             raise ValueError(f"method {method} needs a generator model and its tokenizer")
@@ -151,8 +185,9 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
         if method not in ("10h", "oracle"):
             row.update(generated=raw[j], format=reasons[j], user_profile=users[j], item_profile=items[j])
         rows.append(row)
-    metrics = rating_metrics(y[ok], expected.numpy().astype(float), failures=n - len(ok))
-    return metrics, rows
+    if not with_metrics:
+        return None, rows
+    return rating_metrics(y[ok], expected.numpy().astype(float), failures=n - len(ok)), rows
 
 
 # ------------------------------------------------------------------------------------------------ tables

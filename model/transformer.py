@@ -25,22 +25,27 @@ except Exception:  # ImportError, or a broken CUDA build
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoint names) with a faster path for decode steps on the CPU.
 
-    A decode step multiplies a handful of rows x (N, in) by every weight W (out, in). MKL's sgemm runs
-    y^T = W @ x^T (a tall, thin product) 1.2-2x faster than y = x @ W^T for N <= 128 on our 2-core machine
-    (the lm_head of SmolLM2 at N = 16: 16 ms against 23 ms; see scripts/bench_sampler.py). The two differ only
-    in float rounding (the order of the sums). Training (grad enabled), large N and CUDA keep F.linear.
+    A decode step multiplies one new token per row, x (B, 1, in), by every weight W (out, in). MKL's sgemm runs
+    y^T = W @ x^T (a tall, thin product) 1.2-2x faster than y = x @ W^T for B <= 128 on our 2-core machine (the
+    lm_head of SmolLM2 at B = 16: 16 ms against 23 ms; scripts/bench_sampler.py). The two differ only in float
+    rounding. MKL picks another kernel below 16 columns, which rounds differently, so fewer rows are padded to
+    16: a row's result then never depends on how many rows share the batch (one process and two FSDP ranks
+    sample the same tokens). Training (grad enabled), prefill (T > 1) and CUDA keep F.linear.
     """
 
-    DECODE_ROWS = 128
+    MIN_COLS = 16
 
     def forward(self, x):
-        if x.is_cuda or torch.is_grad_enabled() or x.numel() > self.DECODE_ROWS * x.shape[-1]:
+        if x.is_cuda or torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1:
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = torch.mm(self.weight, rows.t()).t().contiguous()  # (N, out); row-major for what follows
+        B = x.shape[0]
+        rows = x.reshape(B, -1)  # (B, in)
+        if B < self.MIN_COLS:
+            rows = torch.cat([rows, rows.new_zeros(self.MIN_COLS - B, rows.shape[1])])
+        y = torch.mm(self.weight, rows.t()).t()[:B].contiguous()  # (B, out), row-major for what follows
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return y.unsqueeze(1)  # (B, 1, out)
 
 
 class RMSNorm(nn.Module):

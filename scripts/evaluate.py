@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.evaluate import CLASSIC, HEADER, METHODS, build_examples, evaluate_method, table_row  # noqa: E402
+from eval.evaluate import (CLASSIC, HEADER, METHODS, build_examples, evaluate_method,  # noqa: E402
+                           negative_examples, ranking_from_predictions, table_row)
 
 
 def parse_args(argv=None):
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="result folder: metrics.json + predictions.jsonl (written atomically)")
     p.add_argument("--name", help="row label (default: the method)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--negatives", type=int, default=0,
+                   help="ranking: score each example's item against this many items its user never rated and "
+                        "add hit@k, ndcg@k, mrr (k = 1, 5, 10) to metrics.json; 0 = rating metrics only")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print one table of these result folders and exit")
     return p.parse_args(argv)
 
@@ -105,10 +109,14 @@ def main(argv=None):
             raise SystemExit(f"--generator is required for method {a.method}")
         gen, gen_tok = get(a.generator)
         cache = ProfileCache(a.cache, a.method, weights_hash(gen.source))
-    metrics, rows = evaluate_method(a.method, examples, ds, recommender=rec, generator=gen, gen_tok=gen_tok,
-                                    cache=cache, hist=HistoryIndex(ds), rec_history=a.rec_history,
-                                    profile_history=a.profile_history, max_new_tokens=a.max_new_tokens,
-                                    gen_batch_size=a.gen_batch_size)
+    kw = dict(recommender=rec, generator=gen, gen_tok=gen_tok, cache=cache, hist=HistoryIndex(ds),
+              rec_history=a.rec_history, profile_history=a.profile_history, max_new_tokens=a.max_new_tokens,
+              gen_batch_size=a.gen_batch_size)
+    metrics, rows = evaluate_method(a.method, examples, ds, **kw)
+    if a.negatives:
+        _, neg_rows = evaluate_method(a.method, negative_examples(ds, examples, a.negatives), ds,
+                                      with_metrics=False, **kw)
+        metrics.update(ranking_from_predictions(rows, neg_rows, a.negatives))
     name = a.name or a.method
     metrics.update(name=name, method=a.method, data=str(a.data), split=a.split, limit=a.limit,
                    generator=a.generator, recommender=a.recommender, profile_history=a.profile_history,
@@ -117,7 +125,11 @@ def main(argv=None):
         write_results(Path(a.out), metrics, rows)
     print(HEADER)
     print(table_row(name, metrics))
-    print(json.dumps({k: metrics[k] for k in ("mae", "rmse", "acc", "f1", "format_failures", "n", "seconds")}))
+    keys = ["mae", "rmse", "acc", "f1", "format_failures", "n", "seconds"]
+    if a.negatives:
+        keys += ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr"]
+        print(f"ranking against {a.negatives} negatives: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys[7:]))
+    print(json.dumps({k: metrics[k] for k in keys}))
 
 
 if __name__ == "__main__":

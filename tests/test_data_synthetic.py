@@ -86,3 +86,22 @@ def test_reviews_state_likes_and_dislikes_in_words(syn):
     text = " ".join(x.review for x in ds.interactions[:3000]).lower()
     assert "isn't for me" in text or "can't stand" in text
     assert "exactly my thing" in text or "i love anything" in text
+
+
+def test_oracle_pair_profile_states_the_expected_rating(syn):
+    """The pair oracle applies the hidden taste to the item's title: its stated rating follows the realised
+    ratings (noise aside) far better than the mean rating, and a bad title is a clear error."""
+    from data.synthetic import oracle_pair_profile
+
+    _, ds = syn
+    xs = ds.split("test")
+    said = np.array([int(re.search(r"about (\d)/5", oracle_pair_profile(ds.oracle_taste[x.user_id],
+                                                                        ds.items[x.item_id].title))[1]) for x in xs])
+    y = np.array([x.rating for x in xs])
+    assert set(said) >= {2, 3, 5}  # dislikes and likes both show
+    assert np.abs(said - y).mean() < 0.7 * np.abs(y.mean() - y).mean()
+    text = oracle_pair_profile({"liked": ["rock", "jazz", "calm", "1990s"], "disliked": ["metal", "dark"],
+                                "bias": 0.0}, "Broken Rooms (dark metal, 1980s)")
+    assert text == "Would rate this dark metal album about 1/5."  # 4.4 - 2 * 1.6 = 1.2
+    with pytest.raises(ValueError, match="not a synthetic title"):
+        oracle_pair_profile(ds.oracle_taste[xs[0].user_id], "Kind of Blue")

@@ -24,6 +24,9 @@ ROWS = [("u1", "a", 5, 1, "train"), ("u1", "b", 4, 2, "train"), ("u2", "a", 2, 3
         ("u1", "a", 4, 7, "test"), ("u2", "c", 2, 8, "test"), ("u1", "b", 5, 9, "test")]
 
 
+TITLES = {"a": "Album A (calm jazz, 1990s)", "b": "Album B (dark metal, 1990s)", "c": "Album C (upbeat rock, 1970s)"}
+
+
 @pytest.fixture
 def ds_dir(tmp_path):
     d = tmp_path / "ds"
@@ -34,11 +37,13 @@ def ds_dir(tmp_path):
                                 "split": s}) + "\n")
     with open(d / "items.jsonl", "w") as f:
         for i in "abc":
-            f.write(json.dumps({"item_id": i, "title": f"Album {i.upper()}", "description": ""}) + "\n")
+            f.write(json.dumps({"item_id": i, "title": TITLES[i], "description": ""}) + "\n")
     (d / "manifest.json").write_text("{}")
     with open(d / "oracle_profiles.jsonl", "w") as f:
-        f.write(json.dumps({"user_id": "u1", "profile": "Loves album A."}) + "\n")
-        f.write(json.dumps({"user_id": "u2", "profile": "Dislikes everything."}) + "\n")
+        f.write(json.dumps({"user_id": "u1", "profile": "Loves jazz.", "liked": ["jazz", "rock", "calm", "1990s"],
+                            "disliked": ["metal", "dark"], "bias": 0.0}) + "\n")
+        f.write(json.dumps({"user_id": "u2", "profile": "Dislikes rock.", "liked": ["folk", "jazz", "calm", "1960s"],
+                            "disliked": ["rock", "upbeat"], "bias": -0.2}) + "\n")
     return d
 
 
@@ -46,7 +51,7 @@ def test_global_mean_row_by_hand(ds_dir):
     ds = load_dataset(ds_dir)
     ex = E.build_examples(ds, "test")
     assert [(e.user_id, e.item_id, e.rating, e.item_title) for e in ex] == \
-        [("u1", "a", 4, "Album A"), ("u2", "c", 2, "Album C"), ("u1", "b", 5, "Album B")]
+        [("u1", "a", 4, TITLES["a"]), ("u2", "c", 2, TITLES["c"]), ("u1", "b", 5, TITLES["b"])]
     m, rows = E.evaluate_method("global-mean", ex, ds)
     mu = (5 + 4 + 2 + 1) / 4  # train mean 3.0 -> class 3 for all
     assert m["mae"] == pytest.approx((1 + 1 + 2) / 3) and m["rmse"] == pytest.approx(np.sqrt((1 + 1 + 4) / 3))
@@ -125,9 +130,12 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     assert all(abs(sum(r["probs"]) - 1) < 1e-4 for r in ok)
 
     m, rows = E.evaluate_method("oracle", ex, ds, recommender=rec)
-    assert m["n"] == 3 and "Loves album A." in rows[0]["prompt"] and "Dislikes everything." in rows[1]["prompt"]
+    # the taste applied to the target: u1 on calm jazz of the 1990s 4.4 + 3 * 0.35 -> 5; u2 on upbeat rock
+    # 4.4 - 0.2 - 2 * 1.6 -> 1; u1 on dark metal 4.4 + 0.35 - 2 * 1.6 -> 2
+    assert m["n"] == 3 and "(User profile: Would rate this calm jazz album about 5/5.)" in rows[0]["prompt"]
+    assert "about 1/5" in rows[1]["prompt"] and "about 2/5" in rows[2]["prompt"]
     # history strictly before the target: u1's test interaction at t=9 sees a (t=1), b, c, a (t=7), not b (t=9)
-    assert '4. "Album A" - rated 4/5' in rows[2]["prompt"] and '5. "Album B" - rated ' in rows[2]["prompt"]
+    assert f'4. "{TITLES["a"]}" - rated 4/5' in rows[2]["prompt"] and f'5. "{TITLES["b"]}" - rated ' in rows[2]["prompt"]
 
 
 def test_script_out_and_compare(ds_dir, tmp_path, capsys):
@@ -159,3 +167,31 @@ def test_generate_texts_greedy_matches_transformers():
         ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
         out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_ids, pad_token_id=tok.pad_token_id)
         assert g == tok.decode(out[0, ids.shape[1]:].tolist())
+
+
+def test_ranking_by_hand(ds_dir, capsys):
+    """--negatives: each positive against items its user never rated. item-mean: a 3.5, b 4.0, c 1.0 and the
+    unseen items d, e, f the global mean 3.0, so u1's a and b rank 1st and u2's c ranks 3rd of 3."""
+    import evaluate as script
+
+    with open(ds_dir / "items.jsonl", "a") as f:
+        for i in "def":
+            f.write(json.dumps({"item_id": i, "title": f"Album {i.upper()} (calm folk, 1960s)", "description": ""})
+                    + "\n")
+    ds = load_dataset(ds_dir)
+    ex = E.build_examples(ds, "test")
+    neg = E.negative_examples(ds, ex, 2)
+    assert len(neg) == 6 and all(n.item_id in "def" and n.rating == 0 for n in neg)
+    assert [n.user_id for n in neg] == ["u1", "u1", "u2", "u2", "u1", "u1"]
+    assert all(len({n.item_id for n in neg[j:j + 2]}) == 2 for j in (0, 2, 4))  # without replacement
+    with pytest.raises(ValueError, match="fewer than 4 negatives"):
+        E.negative_examples(ds, ex, 4)
+    capsys.readouterr()
+    script.main(["--method", "item-mean", "--data", str(ds_dir), "--split", "test", "--negatives", "2"])
+    got = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert got["hit@1"] == pytest.approx(2 / 3) and got["mrr"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert got["ndcg@5"] == pytest.approx((1 + 1 / np.log2(4) + 1) / 3) and got["hit@5"] == 1.0
+    # a failed prediction ranks below every scored item, on either side
+    rows = lambda *p: [{"prediction": x} for x in p]  # noqa: E731
+    r = E.ranking_from_predictions(rows(None, 4.0), rows(1.0, 2.0, None, 5.0), 2)
+    assert r["mrr"] == pytest.approx((1 / 3 + 1 / 2) / 2)  # None vs (1, 2): 3rd, with ties pessimistic; 4 vs (None, 5): 2nd

@@ -195,10 +195,11 @@ def test_unsupported_config_is_a_clear_error(tmp_path, change, match):
         load_model(d)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 128, 129])
+@pytest.mark.parametrize("rows", [1, 3, 16, 129])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_equals_f_linear(rows, bias):
-    """Linear's decode path (W @ x^T for few rows, no grad, CPU) gives F.linear's values, shape and layout."""
+    """Linear's decode path (W @ x^T for one token per row, no grad, CPU) gives F.linear's values, shape and
+    layout, and each row's result does not depend on the rows beside it (bitwise)."""
     from model.transformer import Linear
 
     torch.manual_seed(rows)
@@ -209,6 +210,8 @@ def test_decode_linear_equals_f_linear(rows, bias):
         got = lin(x)
     assert got.shape == want.shape == (rows, 1, 80) and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(lin(x[:1]), got[:1]) and torch.equal(lin(x[-2:]), got[-2:])
     y = lin(x)  # grad enabled: the training path, differentiable
     assert y.requires_grad
     y.sum().backward()

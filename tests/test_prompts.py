@@ -87,8 +87,8 @@ def test_recommender_prompt_with_and_without_profiles():
     assert prefix == '3. "Giant Steps" - rated '  # continues the two-line history; the digit comes next
     plain = m["content"]
     assert "PROFILE" not in plain and "Giant Steps" in plain and "Kind of Blue" in plain
-    full = recommender_prompt(H, "Giant Steps", "Loves sax.", "Hard bop classic.")[0][0]["content"]
-    assert "Loves sax." in full and "Hard bop classic." in full
-    assert full.index("Loves sax.") < full.index("Kind of Blue")  # the profile comes first
-    only_user = recommender_prompt(H, "Giant Steps", "Loves sax.")[0][0]["content"]
-    assert "ITEM PROFILE" not in only_user
+    [full], pre = recommender_prompt(H, "Giant Steps", "Loves  sax.\n", "Hard bop classic.")
+    assert full == m  # the user message is the 10H one; the profiles open the answer, right before the digit
+    assert pre == '(User profile: Loves sax.)\n(Target item profile: Hard bop classic.)\n3. "Giant Steps" - rated '
+    only_user = recommender_prompt(H, "Giant Steps", "Loves sax.")[1]
+    assert only_user == '(User profile: Loves sax.)\n3. "Giant Steps" - rated '
