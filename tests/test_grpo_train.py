@@ -138,6 +138,8 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     assert last["format_failure_rate"] == 1.0 and last["reward_mean"] == -1.0
     assert last["zero_adv_group_frac"] == 1.0 and abs(last["pg_loss"]) < 1e-6
     assert "val_reward" in last and last["val_format_failure_rate"] == 1.0
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    assert rows[0]["step"] == 0 and "val/reward" in rows[0]  # the curve's starting point, before any update
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run/checkpoints/step_2/model")
