@@ -90,7 +90,9 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
              max_new_tokens: int, max_prompt_tokens: int, response_prefix: str = "") -> dict:
     """Greedy profiles for a fixed list of (user, item, rating, t) targets -> MAE, RMSE, Acc, F1, reward.
 
-    Format failures are counted apart (not in MAE); the reward counts them at -1, as in training.
+    Format failures are counted apart (not in MAE); the reward counts them at -1, as DUET does; format_progress
+    is the mean share of the DUET tag pairs written (1.0 for a well-formed answer), which moves before the
+    failure rate does.
     """
     from eval.metrics import rating_metrics
     from eval.reward import rating_reward
@@ -109,10 +111,12 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
     examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or ("", None)), opt.review_chars)
                 for x, p in zip(mine, parsed)]
     y_hat, _ = recommender.score(examples)  # failed rows are scored too (same work on every rank), then ignored
-    rows = [(x.rating, float(y), p is None) for x, y, p in zip(mine[:real], y_hat[:real].tolist(), parsed[:real])]
+    prog = [format_progress(t) if style == "duet" else float(p is not None) for t, p in zip(texts, parsed)]
+    rows = [(x.rating, float(y), p is None, g)
+            for x, y, p, g in zip(mine[:real], y_hat[:real].tolist(), parsed[:real], prog[:real])]
     rows = [r for part in D.all_gather_objects(rows, d) for r in part]
-    ok = [(y, yh) for y, yh, f in rows if not f]
-    failures = sum(f for _, _, f in rows)
+    ok = [(y, yh) for y, yh, f, _ in rows if not f]
+    failures = sum(f for _, _, f, _ in rows)
     m = rating_metrics([y for y, _ in ok], [yh for _, yh in ok], failures=failures) if ok else \
         {"format_failures": failures, "n": 0}
     rewards = rating_reward(torch.tensor([r[0] for r in rows], dtype=torch.float32),
@@ -120,6 +124,7 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
                             failed=torch.tensor([r[2] for r in rows]))
     m["reward"] = float(torch.as_tensor(rewards).mean())
     m["format_failure_rate"] = failures / max(1, len(rows))
+    m["format_progress"] = sum(r[3] for r in rows) / max(1, len(rows))  # DUET: share of the 8 tag pairs written
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 
