@@ -15,9 +15,9 @@ S=$SHARED/data/amazon-digital-music-2014-sample
 run() { python scripts/evaluate.py --generator $M --recommender $M --split test "$@"; }
 for m in global-mean user-mean item-mean mf 10h; do run --method $m --data $DATA/music --limit 100 --out results/music/$m; done
 for m in global-mean user-mean mf 10h oracle; do run --method $m --data $DATA/synthetic --limit 256 --out results/synthetic/$m; done
-for m in 10h kar palr rlmrec lg duet; do
+for m in global-mean user-mean item-mean mf 10h kar palr rlmrec lg duet; do
   run --method $m --data $DATA/music --limit 16 --profile-history 10 --max-new-tokens 192 --gen-batch-size 16 --out results/music16/$m
 done
 python scripts/evaluate.py --compare results/music/{global-mean,user-mean,item-mean,mf,10h} > results/music/table.md
 python scripts/evaluate.py --compare results/synthetic/{global-mean,user-mean,mf,10h,oracle} > results/synthetic/table.md
-python scripts/evaluate.py --compare results/music16/{10h,kar,palr,rlmrec,lg,duet} > results/music16/table.md
+python scripts/evaluate.py --compare results/music16/{global-mean,user-mean,item-mean,mf,10h,kar,palr,rlmrec,lg,duet} > results/music16/table.md
