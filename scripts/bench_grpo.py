@@ -36,12 +36,13 @@ import argparse
 import json
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_side import run_side  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 MODEL = "smollm2-135m-instruct"
 N_PROMPTS, PROMPT_TOKENS, G, NEW_TOKENS, MICRO_ROWS, KL = 4, 500, 4, 128, 4, 0.001
@@ -241,19 +242,8 @@ def run_trl(a) -> dict:
 
 # ---- driver -----------------------------------------------------------------------------------------------------
 def child(side: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--threads", str(a.threads),
-           "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:  # the child's own progress lines, live; the rest kept for an error report
-            lines.append(line.rstrip("\n"))
-            if line.startswith(("ours", "trl ")):
-                print("  " + line, end="", flush=True)
-    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
-        print("\n".join(lines[-80:]), file=sys.stderr)
-        raise SystemExit(f"--side {side} failed (exit {proc.returncode})")
-    return json.loads(lines[-1])
+    return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads), "--old-logprobs", a.old_logprobs,
+                                     "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)])
 
 
 def main():

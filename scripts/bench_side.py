@@ -1,0 +1,24 @@
+"""Shared driver of bench_grpo.py and bench_dpo.py: run one side (ours or TRL) of a benchmark in a fresh process,
+so that each side's peak memory and imports are its own."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_side(script: str, side: str, args: list[str]) -> dict:
+    """python SCRIPT --side SIDE ARGS...; echo its progress lines (starting "ours" or "trl ") live and return the
+    JSON object on its last line. A failing child prints its last 80 lines and stops the benchmark."""
+    cmd = [sys.executable, script, "--side", side, *args]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # the child's own progress lines, live; the rest kept for an error report
+            lines.append(line.rstrip("\n"))
+            if line.startswith(("ours", "trl ")):
+                print("  " + line, end="", flush=True)
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        print("\n".join(lines[-80:]), file=sys.stderr)
+        raise SystemExit(f"--side {side} failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
