@@ -92,7 +92,9 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
 
     Format failures are counted apart (not in MAE); the reward counts them at -1, as DUET does; format_progress
     is the mean share of the DUET tag pairs written (1.0 for a well-formed answer), which moves before the
-    failure rate does.
+    failure rate does. `mae_fallback` is the MAE over every target, a failed row predicted without any profile
+    (the 10H prompt: history only): defined from step 0 even when no profile parses yet, and it falls only if
+    the written profiles predict better than the history alone.
     """
     from eval.metrics import rating_metrics
     from eval.reward import rating_reward
@@ -108,9 +110,9 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
                        pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled)
     texts = [response_prefix + tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()) for r in range(len(mine))]
     parsed = [parse_profile(style, t)[0] for t in texts]
-    examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or ("", None)), opt.review_chars)
+    examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or (None, None)), opt.review_chars)
                 for x, p in zip(mine, parsed)]
-    y_hat, _ = recommender.score(examples)  # failed rows are scored too (same work on every rank), then ignored
+    y_hat, _ = recommender.score(examples)  # failed rows: no profile (10H), the fallback of mae_fallback
     prog = [format_progress(t) if style == "duet" else float(p is not None) for t, p in zip(texts, parsed)]
     rows = [(x.rating, float(y), p is None, g)
             for x, y, p, g in zip(mine[:real], y_hat[:real].tolist(), parsed[:real], prog[:real])]
@@ -125,6 +127,7 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
     m["reward"] = float(torch.as_tensor(rewards).mean())
     m["format_failure_rate"] = failures / max(1, len(rows))
     m["format_progress"] = sum(r[3] for r in rows) / max(1, len(rows))  # DUET: share of the 8 tag pairs written
+    m["mae_fallback"] = sum(abs(y - yh) for y, yh, _, _ in rows) / max(1, len(rows))
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 

@@ -140,6 +140,19 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     assert "val_reward" in last and last["val_format_failure_rate"] == 1.0
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
     assert rows[0]["step"] == 0 and "val/reward" in rows[0]  # the curve's starting point, before any update
+    # every profile failed: mae_fallback is the frozen recommender's history-only (10H) MAE on the same targets
+    from data import load_dataset
+    from eval.recommender import Recommender
+    from model import load_model, load_tokenizer
+    from rl import profiles as P
+    from rl.duet_env import DuetEnv
+
+    ds, tok, ref = load_dataset(data), load_tokenizer(model), load_model(model)
+    env = DuetEnv(ds, tok, Recommender(ref, tok), P.HistoryOptions(3, 2, 40), 4096, 24, val_examples=4)
+    y_hat, _ = env.rec.score([P.rec_example(env.hx, ds, x.user_id, x.item_id, x.timestamp, None, None, 40)
+                              for x in env.valid])
+    mae_10h = sum(abs(x.rating - float(y)) for x, y in zip(env.valid, y_hat)) / len(env.valid)
+    assert abs(last["val_mae_fallback"] - mae_10h) < 1e-4 and abs(rows[0]["val/mae_fallback"] - mae_10h) < 1e-4
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run/checkpoints/step_2/model")
