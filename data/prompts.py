@@ -204,7 +204,7 @@ def rlmrec_messages(user_hist, with_reviews: bool = True):
         f"INTERACTION ITEMS:\n{format_user_history(user_hist, with_reviews)}")
 
 
-def lg_messages(user_hist, with_reviews: bool = True):
+def lg_messages(user_hist, with_reviews: bool = True, request: str = ""):
     """LettinGo (Wang et al. 2025), paper appendix A.2: the profile that best predicts the user's sentiment."""
     return _user(
         "You will serve as an assistant to help me generate a user profile based on this user's sentiment history "
@@ -212,10 +212,23 @@ def lg_messages(user_hist, with_reviews: bool = True):
         "provide you with some behavior history of the user in this format: [item attributes and sentiment]. The "
         "user profile you generate should contain as much useful content as possible to help predict the user's "
         "sentiment towards a new item.\n\n"
-        f"USER HISTORY:\n{format_user_history(user_hist, with_reviews)}\n\nPROFILE YOU GENERATE:")
+        f"USER HISTORY:\n{format_user_history(user_hist, with_reviews)}\n\n{request}PROFILE YOU GENERATE:")
+
+
+def lg_rating_messages(user_hist, with_reviews: bool = True):
+    """An exploration style for LettinGo (ours, not a paper baseline): LettinGo's prompt, and an answer that opens
+    with the rating the user usually gives (RESPONSE_PREFIXES: the explorer writes the digit; SmolLM2-135M ignores
+    the request alone). Exploring several prompt styles is part of LettinGo; this one makes candidates differ in
+    a fact a small recommender can use (results/README.md: a profile stating the user's usual rating moves
+    SmolLM2-135M's prediction, a description of taste does not), so the recommender's feedback has something to
+    choose between. DPO then trains the plain "lg" prompt on the chosen profiles, prefix included."""
+    return lg_messages(user_hist, with_reviews, request='Begin with the rating this user usually gives ("Usually '
+                       'rates N/5."), then describe what the user likes and dislikes.\n\n')
 
 
 BASELINE_PROMPTS = {"kar": kar_messages, "palr": palr_messages, "rlmrec": rlmrec_messages, "lg": lg_messages}
+PROFILE_PROMPTS = {**BASELINE_PROMPTS, "lg-rating": lg_rating_messages}  # baselines + exploration-only styles
+RESPONSE_PREFIXES = {"lg-rating": "Usually rates "}  # opens the answer; part of the profile text
 
 
 def _strip_fence(text: str) -> str:
@@ -249,7 +262,8 @@ def parse_free_text(text: str) -> tuple[str | None, str]:
     return (t, "ok") if t else (None, "empty answer")
 
 
-PARSERS = {"kar": parse_free_text, "palr": parse_free_text, "lg": parse_free_text, "rlmrec": parse_rlmrec}
+PARSERS = {"kar": parse_free_text, "palr": parse_free_text, "lg": parse_free_text, "rlmrec": parse_rlmrec,
+           "lg-rating": parse_free_text}
 
 
 # ---------------------------------------------------------------------------------------------------- recommender

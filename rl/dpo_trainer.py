@@ -69,9 +69,12 @@ class DPOConfig(L.RunConfig):
 
 
 PRESETS = {
-    # small enough for a 2-core CPU: 16 users x 2 styles x 2 temperatures, one candidate each
-    "cpu-demo": dict(users=16, samples=1, max_steps=20, pairs_per_step=4, micro_batch_pairs=2, user_history=12,
-                     review_chars=80, max_new_tokens=96, save_every=10, val_every=10, val_examples=16),
+    # small enough for a 2-core CPU: 24 users x 2 styles (lg, and lg-rating whose candidates differ in the rating
+    # they state) x 2 temperatures x 2 samples; every pair 0.05 apart in mean reward
+    "cpu-demo": dict(users=24, styles=["lg", "lg-rating"], temperatures=[0.7, 1.0], samples=2, pair_mode="all",
+                     pair_margin=0.05, max_steps=30, pairs_per_step=4, micro_batch_pairs=2, lr=1e-5,
+                     user_history=12, review_chars=80, max_new_tokens=96, save_every=10, val_every=10,
+                     val_examples=32),
     # LettinGo-scale exploration on GPUs (several explorer LLMs; see shared/papers/lettingo-code-readme.txt)
     "lettingo-paper": dict(model="Qwen/Qwen3-8B", explorers=["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"],
                            users=100_000, heldout=5, samples=4, temperatures=[0.6, 1.0, 1.3],

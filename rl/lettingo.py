@@ -70,15 +70,16 @@ def explore(users, ds, hx, explorer: str, model, tokenizer, styles, temperatures
     bar = tqdm(total=len(jobs) * len(users), desc=f"explore {Path(explorer).name}", disable=not progress)
     for style, temp in jobs:
         n = 1 if temp == 0 else samples
+        prefix = P.style_prefix(style)  # e.g. "Usually rates " for lg-rating: the explorer writes the rest
         for b in range(0, len(users), batch_prompts):
             chunk = users[b:b + batch_prompts]
             prompts = [P.prompt_ids(tokenizer, P.profile_messages(style, hx, u["user_id"], "", u["t_cut"], opt, ""),
-                                    max_prompt_tokens) for u in chunk]
+                                    max_prompt_tokens, prefix) for u in chunk]
             out = generate(model, prompts, max_new_tokens, temperature=temp, n=n, eos_ids=tokenizer.eos_ids,
                            pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, seed=seed + b)
             for r in range(len(chunk) * n):
                 u = chunk[r // n]
-                text = tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist())
+                text = prefix + tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist())
                 parsed, reason = P.parse_profile(style, text)
                 rows.append({"user_id": u["user_id"], "explorer": explorer, "style": style, "temperature": temp,
                              "sample": r % n, "text": text, "profile": parsed[0] if parsed else None,

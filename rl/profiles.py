@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.prompts import BASELINE_PROMPTS, PARSERS, duet_messages, parse_duet
+from data.prompts import PARSERS, PROFILE_PROMPTS, RESPONSE_PREFIXES, duet_messages, parse_duet
 from eval.recommender import RecExample
 
 from . import distributed as D
@@ -31,9 +31,14 @@ def profile_messages(style: str, hx, user_id: str, item_id: str, t: int, opt: Hi
     if style == "duet":
         ih = hx.item_history(item_id, t, opt.item_history, exclude_user=user_id, review_chars=opt.review_chars)
         return duet_messages(uh, ih, hx.user_average(user_id, t), hx.item_average(item_id, t), item_title)
-    if style not in BASELINE_PROMPTS:
-        raise ValueError(f"unknown profile style {style!r}: duet, {', '.join(BASELINE_PROMPTS)}")
-    return BASELINE_PROMPTS[style](uh)
+    if style not in PROFILE_PROMPTS:
+        raise ValueError(f"unknown profile style {style!r}: duet, {', '.join(PROFILE_PROMPTS)}")
+    return PROFILE_PROMPTS[style](uh)
+
+
+def style_prefix(style: str) -> str:
+    """The text a style's answer opens with (prompted, then read back as the start of the profile); usually ""."""
+    return RESPONSE_PREFIXES.get(style, "")
 
 
 def parse_profile(style: str, text: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.config import parse_config  # noqa: E402
+from rl.distributed import exit_if_distributed  # noqa: E402
 from rl.dpo_trainer import PRESETS, DPOConfig, main as run  # noqa: E402
 
 
@@ -24,3 +25,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_if_distributed()

@@ -124,14 +124,18 @@ def test_stages_explore_score_pairs(tiny, tmp_path):
     """The data stages on the tiny model; each writes its file, and a stage alone resumes from the previous one."""
     model, data = tiny
     base = ["--model", str(model), "--explorers", str(model), "--data", str(data), "--run-dir", str(tmp_path),
-            "--users", "4", "--heldout", "2", "--min-history", "3", "--styles", "lg", "kar",
+            "--users", "4", "--heldout", "2", "--min-history", "3", "--styles", "lg", "lg-rating",
             "--temperatures", "0.8", "1.5", "--samples", "2", "--user-history", "3", "--review-chars", "30",
             "--max-new-tokens", "16", "--max-prompt-tokens", "4096", "--device", "cpu", "--pair-margin", "0"]
     cfg = parse_config(DPOConfig, PRESETS, base + ["--stage", "explore"])[0]
     main(cfg)
     cands = read_jsonl(tmp_path / "candidates.jsonl", "explore")
     assert len(cands) == 4 * 2 * 2 * 2  # users x styles x temperatures x samples
-    assert {c["style"] for c in cands} == {"lg", "kar"} and all(c["explorer"] == str(model) for c in cands)
+    assert {c["style"] for c in cands} == {"lg", "lg-rating"} and all(c["explorer"] == str(model) for c in cands)
+    # lg-rating's answer opens with its prefix, which stays part of the candidate profile
+    rated = [c for c in cands if c["style"] == "lg-rating"]
+    assert all(c["text"].startswith("Usually rates ") and c["profile"].startswith("Usually rates ") for c in rated)
+    assert not any(c["text"].startswith("Usually rates ") for c in cands if c["style"] == "lg")
     main(parse_config(DPOConfig, PRESETS, base + ["--stage", "score"])[0])
     scores = read_jsonl(tmp_path / "scores.jsonl", "score")
     assert scores and all(0 <= s["mae"] <= 4 and s["n_heldout"] == 2 for s in scores)
