@@ -72,7 +72,7 @@ PRESETS = {
     # small enough for a 2-core CPU: 24 users x 2 styles (lg, and lg-rating whose candidates differ in the rating
     # they state) x 2 temperatures x 2 samples; every pair 0.05 apart in mean reward
     "cpu-demo": dict(users=24, styles=["lg", "lg-rating"], temperatures=[0.7, 1.0], samples=2, pair_mode="all",
-                     pair_margin=0.05, max_steps=30, pairs_per_step=4, micro_batch_pairs=2, lr=1e-5,
+                     pair_margin=0.05, max_steps=20, pairs_per_step=4, micro_batch_pairs=2, lr=1e-5,
                      user_history=12, review_chars=80, max_new_tokens=96, save_every=10, val_every=10,
                      val_examples=32),
     # LettinGo-scale exploration on GPUs (several explorer LLMs; see shared/papers/lettingo-code-readme.txt)

@@ -129,6 +129,8 @@ def main(argv=None):
     if a.negatives:
         keys += ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr"]
         print(f"ranking against {a.negatives} negatives: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys[7:]))
+    if "mae_fallback" in metrics:  # profile methods: failures predicted from the history alone
+        keys.insert(1, "mae_fallback")
     print(json.dumps({k: metrics[k] for k in keys}))
 
 

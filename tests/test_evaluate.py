@@ -128,6 +128,10 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     p = np.array([r["prediction"] for r in ok])
     assert m["mae"] == pytest.approx(np.abs(p - y).mean())  # failures never enter MAE
     assert all(abs(sum(r["probs"]) - 1) < 1e-4 for r in ok)
+    # mae_fallback: every example, the failed one predicted as 10H predicts it
+    _, rows_10h = E.evaluate_method("10h", ex, ds, recommender=rec)
+    fb = [r["prediction"] if r["prediction"] is not None else h["prediction"] for r, h in zip(rows, rows_10h)]
+    assert m["mae_fallback"] == pytest.approx(np.mean([abs(r["rating"] - f) for r, f in zip(rows, fb)]), abs=1e-5)
 
     m, rows = E.evaluate_method("oracle", ex, ds, recommender=rec)
     # the taste applied to the target: u1 on calm jazz of the 1990s 4.4 + 3 * 0.35 -> 5; u2 on upbeat rock
