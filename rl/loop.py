@@ -119,8 +119,12 @@ def run(cfg, d: D.Dist, models: Models, resume_from: Path | None, updates_per_st
     bar = tqdm(range(start, end), initial=start, total=cfg.max_steps, disable=not d.is_main, desc=desc,
                dynamic_ncols=True)
     last: dict = {}
-    if cfg.val_every and start == 0 and end > 0:  # the starting point of the validation curve (step 0)
-        tracker.scalars(validate_fn(), 0, prefix="val/")
+    if cfg.val_every and start == 0 and (end > 0 or cfg.max_steps == 0):
+        # the starting point of the validation curve (step 0); --max-steps 0 only validates (e.g. a checkpoint
+        # given as --model, with --recommender naming the frozen recommender)
+        val = validate_fn()
+        tracker.scalars(val, 0, prefix="val/")
+        last = {f"val_{k}": v for k, v in val.items()}
     for step in bar:
         last = step_fn(step, optimizer, scheduler, tracker)
         done = step + 1

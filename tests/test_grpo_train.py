@@ -156,6 +156,14 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run/checkpoints/step_2/model")
+    # --max-steps 0 validates a checkpoint against the frozen base recommender, and trains nothing
+    cfg0 = cfg_from(["--model", str(tmp_path / "run/checkpoints/step_2/model"), "--recommender", str(model),
+                     "--data", str(data), "--run-dir", str(tmp_path / "val"), "--max-steps", "0",
+                     "--val-every", "1", "--val-examples", "4", "--max-new-tokens", "24", "--user-history", "3",
+                     "--item-history", "2", "--review-chars", "40", "--max-prompt-tokens", "4096"])
+    val = train(cfg0)
+    assert abs(val["val_mae_fallback"] - mae_10h) < 1e-4 and val["val_format_failure_rate"] == 1.0
+    assert not (tmp_path / "val/checkpoints").exists()
 
 
 def test_duet_env_rewards_parsed_profiles(tmp_path):
