@@ -112,10 +112,12 @@ def profile_prompt(method: str, ex: EvalExample, hist: HistoryIndex, profile_his
 
 
 def llm_profiles(method: str, examples, hist: HistoryIndex, generator, gen_tok, cache: ProfileCache | None = None,
-                 profile_history: int = 30, max_new_tokens: int = 256, batch_size: int = 8, progress=None):
+                 profile_history: int = 30, max_new_tokens: int = 256, batch_size: int = 8, progress=None,
+                 review_chars: int = 200):
     """-> (user_profiles, item_profiles, reasons, raw texts), lists aligned with examples; a failed parse gives
     None profiles and its reason ("ok" otherwise)."""
-    prompts = [render_generation_prompt(gen_tok, profile_prompt(method, e, hist, profile_history)) for e in examples]
+    prompts = [render_generation_prompt(gen_tok, profile_prompt(method, e, hist, profile_history,
+                                                                      review_chars=review_chars)) for e in examples]
     key_item = (lambda e: e.item_id) if method == "duet" else (lambda e: "")  # baselines profile the user alone
     raw = cached_generate([(e.user_id, key_item(e), p) for e, p in zip(examples, prompts)], generator, gen_tok,
                           cache, max_new_tokens, batch_size, progress)
@@ -137,7 +139,8 @@ def llm_profiles(method: str, examples, hist: HistoryIndex, generator, gen_tok, 
 def evaluate_method(method: str, examples, ds, *, recommender: Recommender | None = None, generator=None,
                     gen_tok=None, cache: ProfileCache | None = None, hist: HistoryIndex | None = None,
                     rec_history: int = 10, profile_history: int = 30, max_new_tokens: int = 256,
-                    gen_batch_size: int = 8, progress=None, with_metrics: bool = True) -> tuple[dict, list[dict]]:
+                    gen_batch_size: int = 8, progress=None, with_metrics: bool = True,
+                    review_chars: int = 200) -> tuple[dict, list[dict]]:
     """Score one method on the examples -> (metrics dict of eval/metrics.rating_metrics, prediction rows).
     with_metrics=False: predictions only, metrics None (ranking negatives, whose rating is unknown)."""
     if method not in METHODS:
@@ -167,7 +170,7 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
         if generator is None or gen_tok is None:
             raise ValueError(f"method {method} needs a generator model and its tokenizer")
         users, items, reasons, raw = llm_profiles(method, examples, hist, generator, gen_tok, cache, profile_history,
-                                                  max_new_tokens, gen_batch_size, progress)
+                                                  max_new_tokens, gen_batch_size, progress, review_chars)
 
     ok = [j for j in range(n) if reasons[j] == "ok"]
     rex = [RecExample(hist.user_history(examples[j].user_id, examples[j].timestamp, rec_history),

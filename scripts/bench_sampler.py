@@ -1,6 +1,6 @@
 """Our sampler against transformers' generate, same model, same prompts, same number of new tokens.
 
-    python scripts/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2]
+    python scripts/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2] [--compile]
 
 (a) batch 16 chat prompts of different lengths, 128 new tokens forced (EOS held back on both sides), greedy;
 (b) 4 prompts of about 500 tokens x 8 samples, 128 new tokens forced, temperature 1.0 (no top-k / top-p on
@@ -8,6 +8,8 @@
 Each side is warmed up, runs alternate (ours, theirs, ours, ...) and the best of --repeats counts, since other
 jobs share the machine. The roofline: a decode step reads every weight once, so tokens/s <= rows x memory
 bandwidth / weight bytes; the bandwidth is measured here (sum over a 512 MiB tensor). The last line is JSON.
+--compile: our side runs `torch.compile(model, dynamic=True)` (the sampler is unchanged; the compile happens in the
+warm-up and its seconds are reported apart); transformers stays eager, as a user calls it by default.
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def timed(f):
 
 def compare(name, ours, theirs, rows, new, repeats):
     """Warm both up (a short run), then alternate; best wall time of each. -> figures, last outputs"""
-    ours(4), theirs(4)
+    warm, _ = timed(lambda: ours(4))
+    theirs(4)
     t_ours, t_hf = [], []
     for _ in range(repeats):
         dt, o = timed(lambda: ours(new))
@@ -101,7 +104,8 @@ def compare(name, ours, theirs, rows, new, repeats):
         print(f"  {name}: ours {rows * new / t_ours[-1]:.1f} tok/s, transformers {rows * new / t_hf[-1]:.1f} "
               f"tok/s", flush=True)
     ours_tps, hf_tps = rows * new / min(t_ours), rows * new / min(t_hf)
-    return dict(ours_tok_s=round(ours_tps, 1), hf_tok_s=round(hf_tps, 1), ratio=round(ours_tps / hf_tps, 2)), o, h
+    return dict(ours_tok_s=round(ours_tps, 1), hf_tok_s=round(hf_tps, 1), ratio=round(ours_tps / hf_tps, 2),
+                ours_warmup_s=round(warm, 1)), o, h
 
 
 def main(argv=None):
@@ -112,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--repeats-b", type=int, default=1, help="timed runs per side for case (b), which is long")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cases", default="ab", help="which cases to run: a, b or ab")
+    ap.add_argument("--compile", action="store_true", help="our side: torch.compile(model, dynamic=True)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -124,7 +129,10 @@ def main(argv=None):
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}, memory bandwidth {bw:.1f} GB/s, "
           f"weights {weight_bytes / 1e6:.0f} MB", flush=True)
     result = dict(model=str(path), threads=args.threads, bandwidth_gb_s=round(bw, 2),
-                  weight_mb=round(weight_bytes / 1e6, 1), load_avg=round(os.getloadavg()[0], 1))
+                  weight_mb=round(weight_bytes / 1e6, 1), load_avg=round(os.getloadavg()[0], 1),
+                  compiled=args.compile)
+    if args.compile:  # every attribute the sampler reads (config, new_cache, ...) passes through to `model`
+        model = torch.compile(model, dynamic=True)
 
     if "a" in args.cases:
         result["a_batch16_greedy"] = case_a(model, tok, hf, bw, weight_bytes, args)
