@@ -122,7 +122,8 @@ def main(argv=None):
     name = a.name or a.method
     metrics.update(name=name, method=a.method, data=str(a.data), split=a.split, limit=a.limit,
                    generator=a.generator, recommender=a.recommender, profile_history=a.profile_history,
-                   review_chars=a.review_chars, rec_history=a.rec_history, max_new_tokens=a.max_new_tokens, seconds=round(time.time() - t0, 1))
+                   review_chars=a.review_chars, rec_history=a.rec_history, max_new_tokens=a.max_new_tokens,
+                   seconds=round(time.time() - t0, 1))
     if a.out:
         write_results(Path(a.out), metrics, rows)
     print(HEADER)
