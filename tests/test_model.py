@@ -216,3 +216,18 @@ def test_decode_linear_equals_f_linear(rows, bias):
     assert y.requires_grad
     y.sum().backward()
     assert lin.weight.grad is not None
+
+
+def test_decode_step_mask_without_host_sync_equals_general_mask():
+    """A decode step with a padding mask takes a shortcut (no .all() sync): the same mask as the general path."""
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    mask = torch.rand(3, 9) > 0.4
+    mask[:, -1] = False  # the new token's own slot: the shortcut must open it, as the general path does
+    fast = Transformer._attention_mask(mask, 8, 1, torch.device("cpu"))  # (B, 1, 1, S)
+    S = 9
+    k = torch.arange(S)[None, :]
+    general = ((k <= 8) & mask[:, None, :]) | (k == 8)  # causal & padding, the query always sees itself
+    assert fast.shape == (3, 1, 1, S) and torch.equal(fast, general[:, None])
+    assert not mask[:, -1].any()  # the caller's mask is left untouched
