@@ -117,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cases", default="ab", help="which cases to run: a, b or ab")
     ap.add_argument("--compile", action="store_true", help="our side: torch.compile(model, dynamic=True)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -130,9 +131,9 @@ def main(argv=None):
           f"weights {weight_bytes / 1e6:.0f} MB", flush=True)
     result = dict(model=str(path), threads=args.threads, bandwidth_gb_s=round(bw, 2),
                   weight_mb=round(weight_bytes / 1e6, 1), load_avg=round(os.getloadavg()[0], 1),
-                  compiled=args.compile)
+                  compiled=args.compile and args.compile_mode)
     if args.compile:  # every attribute the sampler reads (config, new_cache, ...) passes through to `model`
-        model = torch.compile(model, dynamic=True)
+        model = torch.compile(model, dynamic=True, mode=args.compile_mode)
 
     if "a" in args.cases:
         result["a_batch16_greedy"] = case_a(model, tok, hf, bw, weight_bytes, args)
