@@ -245,7 +245,9 @@ class Transformer(nn.Module):
         if T == 1 and attention_mask is not None and past > 0:
             # a decode step with a mask (the sampler passes one only when prompts were padded): no host sync on
             # .all(), which would also break a torch.compile graph; the new token always sees itself
-            return attention_mask.clone().index_fill_(1, torch.tensor([past], device=dev), True)[:, None, None, :]
+            mask = attention_mask.clone()
+            mask[:, past] = True
+            return mask[:, None, None, :]  # (B, 1, 1, S)
         if attention_mask is None or bool(attention_mask.all()):
             if past == 0:
                 return "causal" if T > 1 else None

@@ -176,8 +176,8 @@ def run_trl(a) -> dict:
 
 # ---- driver -----------------------------------------------------------------------------------------------------
 def child(side: str, a) -> dict:
-    return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
-                                     "--profile-tokens", str(a.profile_tokens)])
+    return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads),
+                                     "--prompt-tokens", str(a.prompt_tokens), "--profile-tokens", str(a.profile_tokens)])
 
 
 def main():

@@ -242,8 +242,9 @@ def run_trl(a) -> dict:
 
 # ---- driver -----------------------------------------------------------------------------------------------------
 def child(side: str, a) -> dict:
-    return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads), "--old-logprobs", a.old_logprobs,
-                                     "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)])
+    return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads),
+                                     "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens),
+                                     "--new-tokens", str(a.new_tokens)])
 
 
 def main():

@@ -131,7 +131,7 @@ def main(argv=None):
           f"weights {weight_bytes / 1e6:.0f} MB", flush=True)
     result = dict(model=str(path), threads=args.threads, bandwidth_gb_s=round(bw, 2),
                   weight_mb=round(weight_bytes / 1e6, 1), load_avg=round(os.getloadavg()[0], 1),
-                  compiled=args.compile and args.compile_mode)
+                  compiled=args.compile_mode if args.compile else False)
     if args.compile:  # every attribute the sampler reads (config, new_cache, ...) passes through to `model`
         model = torch.compile(model, dynamic=True, mode=args.compile_mode)
 
