@@ -244,9 +244,11 @@ class Transformer(nn.Module):
         """'causal' (let the kernel build it), None (a single query sees every key), or a bool (B, 1, T, S) mask."""
         if T == 1 and attention_mask is not None and past > 0:
             # a decode step with a mask (the sampler passes one only when prompts were padded): no host sync on
-            # .all(), which would also break a torch.compile graph; the new token always sees itself
+            # .all(), which would also break a torch.compile graph; the new token (the last key, S - 1) always
+            # sees itself. Indexed from the end, not with `past`: an index from a Python int would make
+            # torch.compile specialise on the mask's length and recompile at every step
             mask = attention_mask.clone()
-            mask[:, past] = True
+            mask[:, -1] = True
             return mask[:, None, None, :]  # (B, 1, 1, S)
         if attention_mask is None or bool(attention_mask.all()):
             if past == 0:

@@ -4,7 +4,6 @@
     python scripts/train_dpo.py --stage explore --explorers smollm2-135m-instruct Qwen/Qwen3-0.6B
     torchrun --nproc_per_node=8 scripts/train_dpo.py --preset lettingo-paper --data data/music --stage train
 """
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.config import parse_config  # noqa: E402
 from rl.distributed import exit_if_distributed  # noqa: E402
+from rl.tracking import summary_line  # noqa: E402
 from rl.dpo_trainer import PRESETS, DPOConfig, main as run  # noqa: E402
 
 
@@ -20,7 +20,7 @@ def main(argv=None):
     cfg, preset = parse_config(DPOConfig, PRESETS, argv, default_preset="cpu-demo")
     final = run(cfg, preset)
     if final and os.environ.get("RANK", "0") == "0":
-        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in final.items()}))
+        print(summary_line(final))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@
     torchrun --nproc_per_node=8 scripts/train_grpo.py --preset duet-paper --data data/music --run-dir runs/music
     python scripts/train_grpo.py --run-dir runs/grpo --resume       # continue from the last checkpoint
 """
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.config import parse_config  # noqa: E402
 from rl.distributed import exit_if_distributed  # noqa: E402
+from rl.tracking import summary_line  # noqa: E402
 from rl.grpo_trainer import PRESETS, GRPOConfig, train  # noqa: E402
 
 
@@ -20,7 +20,7 @@ def main(argv=None):
     cfg, preset = parse_config(GRPOConfig, PRESETS, argv, default_preset="cpu-demo")
     final = train(cfg, preset)
     if final and os.environ.get("RANK", "0") == "0":
-        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in final.items()}))
+        print(summary_line(final))
 
 
 if __name__ == "__main__":

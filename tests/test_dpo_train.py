@@ -1,6 +1,5 @@
 """LettinGo / DPO end to end on a tiny chat model: masks with a known answer, learning on toy pairs, FSDP two
 ranks equal one process, resume equals an uninterrupted run, and the explore -> score -> pairs stages."""
-import json
 import os
 import subprocess
 import sys

@@ -218,3 +218,18 @@ def test_format_progress_and_graded_failure_reward(tmp_path):
     rewards, failed, _ = env.score([ep], [[1], [1]], ["x</cue> nothing else", "no tags"])
     assert failed.tolist() == [True, True]
     assert rewards.tolist() == pytest.approx([-7 / 8, -1.0])
+
+
+def test_undefined_metrics_stay_strict_json(tmp_path):
+    """A NaN metric (undefined at that step) is left out of metrics.jsonl and is null in the final summary line,
+    so both parse with a strict JSON reader."""
+    from rl.tracking import Tracker, summary_line
+
+    t = Tracker(tmp_path, enabled=True)
+    t.scalars({"pred_mae": float("nan"), "reward_mean": 0.25}, step=1, prefix="train/")
+    t.close()
+    strict = dict(parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    rows = [json.loads(line, **strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "train/reward_mean": 0.25}]
+    assert json.loads(summary_line({"step": 3, "mae": float("nan"), "reward": 1 / 3}), **strict) == \
+        {"step": 3, "mae": None, "reward": 0.333333}

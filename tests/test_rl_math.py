@@ -84,10 +84,9 @@ def test_completion_mask_padding_and_pad_equals_eos():
 
 def test_shift_known_answer_bigram_model():
     """Logits at t predict token t + 1: a bigram model makes the sequence log-prob a known sum."""
-    V = 4
     W = torch.tensor([[0.0, 1.0, 2.0, 0.5], [1.0, 0.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0], [2.0, 0.0, 1.0, 0.0]])
 
-    def bigram_logits(ids):  # (B, T) -> (B, T, V): logits at t depend only on token t
+    def bigram_logits(ids):  # (B, T) -> (B, T, V = 4): logits at t depend only on token t
         return W[ids]
 
     def bigram_lp(prev, nxt):  # log softmax(W[prev])[nxt] by hand

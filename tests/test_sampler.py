@@ -276,3 +276,23 @@ def test_greedy_matches_transformers_smollm2():
                    vocab_limit=tok.vocab_size)
     ref = hf_greedy(path, prompts, 64, tok.pad_token_id, tok.eos_ids)
     assert torch.equal(out.tokens, ref)
+
+
+def test_compiled_sampler_no_recompile_per_step(stories):
+    """Under torch.compile(dynamic=True) a padded batch compiles the prefill and the decode step once each, then
+    every further step reuses the graph (an index from a Python int once recompiled the model at every step,
+    falling back to eager after 8), and the tokens equal the eager ones."""
+    from torch._dynamo.utils import counters
+
+    model, tok = stories
+    prompts = [tok.encode(t) for t in TEXTS]  # different lengths: the decode steps carry a padding mask
+    kw = dict(temperature=0, eos_ids=(), pad_id=0, vocab_limit=tok.vocab_size)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, dynamic=True)
+    generate(compiled, prompts, 4, **kw)
+    frames = counters["stats"]["unique_graphs"]
+    out = generate(compiled, prompts, 12, **kw)  # 8 more cache lengths than the warm-up saw
+    assert counters["stats"]["unique_graphs"] == frames, "torch.compile recompiled during decode"
+    assert torch.equal(out.tokens, generate(model, prompts, 12, **kw).tokens)
+    torch._dynamo.reset()
