@@ -34,6 +34,7 @@ class Linear(nn.Linear):
     """
 
     MIN_COLS = 16
+    CHUNK_ROWS = 2048  # a weight with more than 2 x this many rows (the lm_head) is multiplied a chunk at a time
 
     def forward(self, x):
         if x.is_cuda or torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1:
@@ -42,7 +43,16 @@ class Linear(nn.Linear):
         rows = x.reshape(B, -1)  # (B, in)
         if B < self.MIN_COLS:
             rows = torch.cat([rows, rows.new_zeros(self.MIN_COLS - B, rows.shape[1])])
-        y = torch.mm(self.weight, rows.t()).t()[:B].contiguous()  # (B, out), row-major for what follows
+        W, c = self.weight, self.CHUNK_ROWS
+        if W.shape[0] > 2 * c:
+            # SmolLM2's lm_head (49152 x 576) in chunks of 2048 rows: 11.4 instead of 13.7 ms at 16 rows, bitwise
+            # the same result (only MKL's work split changes). The last chunk takes the remainder (c to 2c - 1
+            # rows): MKL rounds a product of a few rows differently
+            cuts = list(range(0, W.shape[0] - c + 1, c)) + [W.shape[0]]
+            yt = torch.cat([torch.mm(W[a:b], rows.t()) for a, b in zip(cuts, cuts[1:])])  # (out, cols)
+        else:
+            yt = torch.mm(W, rows.t())
+        y = yt.t()[:B].contiguous()  # (B, out), row-major for what follows
         if self.bias is not None:
             y = y + self.bias
         return y.unsqueeze(1)  # (B, 1, out)

@@ -105,6 +105,7 @@ def compare(name, ours, theirs, rows, new, repeats):
               f"tok/s", flush=True)
     ours_tps, hf_tps = rows * new / min(t_ours), rows * new / min(t_hf)
     return dict(ours_tok_s=round(ours_tps, 1), hf_tok_s=round(hf_tps, 1), ratio=round(ours_tps / hf_tps, 2),
+                round_ratios=[round(h / o, 2) for o, h in zip(t_ours, t_hf)],  # each round's pair, side by side
                 ours_warmup_s=round(warm, 1)), o, h
 
 

@@ -218,6 +218,22 @@ def test_decode_linear_equals_f_linear(rows, bias):
     assert lin.weight.grad is not None
 
 
+def test_decode_linear_chunked_rows_equal_one_product():
+    """A weight with many rows (an lm_head) is multiplied a chunk of rows at a time in decode steps: the same
+    values, bitwise, as the single product, and F.linear's up to rounding."""
+    from model.transformer import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(24, 4 * Linear.CHUNK_ROWS + 3, bias=False)  # a last chunk shorter than the others
+    x = torch.randn(16, 1, 24)
+    with torch.no_grad():
+        got = lin(x)
+        one = torch.mm(lin.weight, x[:, 0].t()).t()
+    assert got.shape == (16, 1, lin.out_features) and got.is_contiguous()
+    assert torch.equal(got[:, 0], one)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_step_mask_without_host_sync_equals_general_mask():
     """A decode step with a padding mask takes a shortcut (no .all() sync): the same mask as the general path."""
     from model.transformer import Transformer
