@@ -5,7 +5,7 @@
     out.tokens      # (R, L) R = prompts * n, row b*n + j is sample j of prompt b, pad_id after the row ended
     out.logprobs    # (R, L) log p(token) under softmax(logits / temperature), before top-k / top-p
     out.lengths     # (R,) tokens up to and including the first EOS (L when the row did not finish)
-    out.finished    # (R,) whether the row produced an EOS
+    out.finished    # (R,) whether the row produced an EOS (or completed a stop text)
 
 Design
 - Left padding. All rows share one cache slot per step (a single write pointer, one slice assignment per layer
@@ -112,6 +112,15 @@ def pick_tokens(scores: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return ids, logp
 
 
+def stop_text_hits(windows: list[list[int]], active: list[bool], decode, stop_texts) -> list[bool]:
+    """Which active rows' last tokens contain a stop text. windows: each row's most recent ids (at least as many
+    as the longest stop text has characters, since every token holds at least one); decode: ids -> str.
+
+    Matched on the decoded text, not on token ids: the same text tokenizes differently after different
+    characters (SmolLM2: "</item_profile>" alone starts with the token "</", after "</profile>" with "></")."""
+    return [a and any(t in decode(w) for t in stop_texts) for w, a in zip(windows, active)]
+
+
 # ---- the sampler ------------------------------------------------------------------------------------------------
 def _any_unfinished(done: torch.Tensor, sync: bool) -> bool:
     """True while some row here (or, with sync, on any rank) has not ended. One host sync per step."""
@@ -125,11 +134,14 @@ def _any_unfinished(done: torch.Tensor, sync: bool) -> bool:
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, n: int = 1, eos_ids=(), pad_id: int = 0, vocab_limit: int | None = None,
              seed: int = 0, seeds: list[int] | None = None, min_new_tokens: int = 0,
-             sync_ranks: bool | None = None) -> SampleOutput:
+             sync_ranks: bool | None = None, stop_texts=(), decode=None) -> SampleOutput:
     """Sample `n` continuations of each prompt (lists of token ids) with a KV cache; see the module docstring.
 
     temperature: 0 is greedy. top_k 0 / top_p 1.0 turn the truncations off.
     eos_ids: ids that end a row (the tokenizer's eos_ids and any stop ids); the EOS is kept in the row.
+    stop_texts / decode: strings that end a row once its generated text contains one (e.g. "</item_profile>",
+        several tokens long), checked on `decode(ids)` of the row's latest tokens; the tokens that complete the
+        text are kept and the row counts as finished. One decode per unfinished row and step (host side).
     vocab_limit: only ids below it are ever sampled (pass len(tokenizer): Qwen's embedding table is larger than
         its vocabulary); None = every row of the output layer. Log-probabilities are over these ids only.
     seed / seeds: row b*n + j draws from the stream row_seed(seed, b, j), or from seeds[b*n + j] when given.
@@ -147,6 +159,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if not p)} is empty")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling parameters temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    stop_texts = [t for t in stop_texts if t]
+    if stop_texts and decode is None:
+        raise ValueError("stop_texts need decode (ids -> text), e.g. tokenizer.decode")
     if seeds is not None and len(seeds) != R:
         raise ValueError(f"seeds has {len(seeds)} entries, expected one per row ({R})")
     if sync_ranks is None:
@@ -202,6 +217,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         tokens[:, t] = tok
         logprobs[:, t] = lp.masked_fill(done, 0.0)
         ended = torch.isin(tok, eos) & ~done  # (R,) rows whose first EOS is this token
+        if stop_texts:  # rows whose text now contains a stop text (none did before this token)
+            lo = max(0, t + 1 - max(map(len, stop_texts)))
+            hit = stop_text_hits(tokens[:, lo:t + 1].tolist(), (~done).tolist(), decode, stop_texts)
+            ended = ended | torch.tensor(hit, device=dev)
         lengths = torch.where(ended, t + 1, lengths)
         done = done | ended
         steps = t + 1
@@ -237,5 +256,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens: int, **kw) -> list[
     kw.setdefault("eos_ids", tokenizer.eos_ids)
     kw.setdefault("pad_id", tokenizer.pad_token_id)
     kw.setdefault("vocab_limit", tokenizer.vocab_size)
+    if kw.get("stop_texts"):
+        kw.setdefault("decode", tokenizer.decode)
     out = generate(model, encode_prompts(tokenizer, prompts), max_new_tokens, **kw)
     return [tokenizer.decode(ids) for ids in out.completions()]

@@ -9,6 +9,7 @@ An environment owns the data and the reward; the trainer owns the model, the sam
                                           forward passes on every rank (it scores failed rows too, then
                                           gives them the environment's failure reward).
     validate(policy, tokenizer, d)     -> dict of validation metrics (greedy), same on every rank
+    stop_texts                         -> texts that end a rollout besides EOS (the sampler's stop_texts)
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class TokenShareEnv:
     Prompts are short fixed token sequences. Nothing about recommendation: it checks that the training loop
     learns at all (the reward starts near 1/vocab and must rise far above it).
     """
+
+    stop_texts = ()
 
     def __init__(self, tokenizer, target_token: int, n_prompts: int = 16, prompt_len: int = 6, seed: int = 0):
         g = torch.Generator().manual_seed(seed)

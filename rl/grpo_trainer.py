@@ -42,6 +42,8 @@ class GRPOConfig(L.RunConfig):
     review_chars: int = 200
     max_prompt_tokens: int = 1536
     response_prefix: str = field(default="", metadata={"help": "opens the answer, e.g. '<user_profile><cue>'"})
+    stop_text: str = field(default="</item_profile>", metadata={
+        "help": "DUET: a rollout ends once it has written this (nothing may follow it); empty: only at EOS"})
     format_reward: str = field(default="constant", metadata={
         "help": "constant: format_failure_reward for any failure (DUET); graded: a failure earns "
                 "format_failure_reward * (1 - share of the 8 tag pairs written), a signal for small models"})
@@ -136,6 +138,7 @@ def grpo_step(step, cfg: GRPOConfig, models: L.Models, env, optimizer, scheduler
         out = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, n=G, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id,
                        vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled,
+                       stop_texts=env.stop_texts, decode=tokenizer.decode,
                        seeds=[row_seed(cfg.seed * 1_000_003 + step, p, j) for p in mine for j in range(G)])
     lengths = out.lengths.tolist()
     completions = [out.tokens[r, :lengths[r]].tolist() for r in range(len(lengths))]

@@ -56,6 +56,13 @@ def rec_example(hx, ds, user_id, item_id, t, user_profile, item_profile, review_
                       item.title if item else item_id, item_profile)
 
 
+def cut_after(text: str, stop_texts) -> str:
+    """The text up to the end of its first stop text (the last token of a stopped row can carry characters past
+    it, e.g. ">\n" or "></"); unchanged when it holds none."""
+    ends = [text.index(s) + len(s) for s in stop_texts if s in text]
+    return text[:min(ends)] if ends else text
+
+
 def format_progress(text: str) -> float:
     """Share of the 8 DUET tag pairs that are opened and closed in the text (0..1), for the graded format reward:
     a small model that cannot yet write the whole structure still gets a gradient towards it."""
@@ -92,14 +99,15 @@ def pad_to_world(items: list, d: D.Dist) -> tuple[list, int]:
 
 @torch.no_grad()
 def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: HistoryOptions, d: D.Dist,
-             max_new_tokens: int, max_prompt_tokens: int, response_prefix: str = "") -> dict:
+             max_new_tokens: int, max_prompt_tokens: int, response_prefix: str = "", stop_texts=()) -> dict:
     """Greedy profiles for a fixed list of (user, item, rating, t) targets -> MAE, RMSE, Acc, F1, reward.
 
     Format failures are counted apart (not in MAE); the reward counts them at -1, as DUET does; format_progress
     is the mean share of the DUET tag pairs written (1.0 for a well-formed answer), which moves before the
     failure rate does. `mae_fallback` is the MAE over every target, a failed row predicted without any profile
     (the 10H prompt: history only): defined from step 0 even when no profile parses yet, and it falls only if
-    the written profiles predict better than the history alone.
+    the written profiles predict better than the history alone. `stop_texts` end the greedy answers as they
+    end the rollouts.
     """
     from eval.metrics import rating_metrics
     from eval.reward import rating_reward
@@ -112,8 +120,10 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
     policy.eval()
     with D.gathered(policy):
         out = generate(policy, prompts, max_new_tokens, temperature=0.0, eos_ids=tokenizer.eos_ids,
-                       pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled)
-    texts = [response_prefix + tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()) for r in range(len(mine))]
+                       pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled,
+                       stop_texts=stop_texts, decode=tokenizer.decode)
+    texts = [response_prefix + cut_after(tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()), stop_texts)
+             for r in range(len(mine))]
     parsed = [parse_profile(style, t)[0] for t in texts]
     examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or (None, None)), opt.review_chars)
                 for x, p in zip(mine, parsed)]

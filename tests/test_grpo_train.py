@@ -192,6 +192,16 @@ def test_duet_env_rewards_parsed_profiles(tmp_path):
     assert abs(float(rewards[0]) - (1 - abs(x.rating - float(y_hat[0])) / 4)) < 1e-5
     assert ep.prompt_ids == tok.encode_chat(P.profile_messages("duet", env.hx, x.user_id, x.item_id, x.timestamp,
                                                                 env.opt, ds.items[x.item_id].title))
+    # a rollout stopped at "</item_profile>" whose last token carries more characters parses up to the stop
+    # text; without a stop text the same characters are trailing text, a failure
+    stopped = DuetEnv(ds, tok, rec, P.HistoryOptions(3, 2, 40), 4096, 16, val_examples=2,
+                      stop_text="</item_profile>")
+    assert stopped.stop_texts == ("</item_profile>",) and env.stop_texts == ()
+    r_stop, f_stop, _ = stopped.score([ep], [[1], [1]], [good + "></", good + "\nProduct"])
+    assert f_stop.tolist() == [False, False] and r_stop.tolist() == pytest.approx([float(rewards[0])] * 2, abs=1e-5)
+    assert env.score([ep], [[1], [1]], [good + "></", good])[1].tolist() == [True, False]
+    assert P.cut_after("a</x>b</x>c", ["</x>"]) == "a</x>" and P.cut_after("abc", ["</x>"]) == "abc"
+    assert P.cut_after("a<y>b</x>", ["</x>", "<y>"]) == "a<y>"
 
 
 def test_format_progress_and_graded_failure_reward(tmp_path):

@@ -296,3 +296,25 @@ def test_compiled_sampler_no_recompile_per_step(stories):
     assert counters["stats"]["unique_graphs"] == frames, "torch.compile recompiled during decode"
     assert torch.equal(out.tokens, generate(model, prompts, 12, **kw).tokens)
     torch._dynamo.reset()
+
+
+def test_stop_texts_end_rows_where_the_text_first_appears(stories):
+    """A multi-token stop text ends a row at the first token whose decoded prefix contains it (computed here on
+    the whole prefix, independently of the sampler's window); the tokens before are unchanged and the row counts
+    as finished; rows that never write it run to max_new_tokens."""
+    model, tok = stories
+    prompts = [tok.encode(t) for t in TEXTS]
+    kw = dict(temperature=0, eos_ids=(), pad_id=0, vocab_limit=tok.vocab_size)
+    full = generate(model, prompts, 40, **kw)
+    text0 = tok.decode(full.tokens[0].tolist())
+    stop = text0[len(text0) // 2:][:12].strip()  # a piece from the middle of row 0's text, several tokens
+    assert len(tok.encode(stop, add_special_tokens=False)) > 1
+    out = generate(model, prompts, 40, stop_texts=[stop], decode=tok.decode, **kw)
+    for r, row in enumerate(full.tokens.tolist()):
+        k = next((k + 1 for k in range(len(row)) if stop in tok.decode(row[:k + 1])), None)
+        assert int(out.lengths[r]) == (k or 40) and bool(out.finished[r]) == (k is not None)
+        n = int(out.lengths[r])
+        assert out.tokens[r, :n].tolist() == row[:n]
+    assert bool(out.finished[0])
+    with pytest.raises(ValueError, match="decode"):
+        generate(model, prompts, 4, stop_texts=["x"], **kw)
