@@ -57,6 +57,7 @@ def _user(content: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- DUET
 DUET_TAGS = ("cue", "constructed_prompt", "profile")
+DUET_STOP = "</item_profile>"  # generation stops here: the parser fails any text after it
 
 _DUET_EXAMPLE = (
     "<user_profile><cue>prefers retro puzzle games</cue>"
@@ -143,6 +144,13 @@ def _side(text: str, pos: int, side: str) -> tuple[tuple[str, str, str], int]:
     if not vals[2]:
         raise FormatError(f"empty profile {where}")
     return tuple(vals), end
+
+
+def cut_after(text: str, stop_texts) -> str:
+    """The text up to the end of its first stop text (the last token of a stopped row can carry characters past
+    it, e.g. ">\n" or "></"); unchanged when it holds none."""
+    ends = [text.index(s) + len(s) for s in stop_texts if s in text]
+    return text[:min(ends)] if ends else text
 
 
 def parse_duet(text: str) -> tuple[ParsedProfiles | None, str]:

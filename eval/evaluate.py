@@ -119,8 +119,10 @@ def llm_profiles(method: str, examples, hist: HistoryIndex, generator, gen_tok, 
     prompts = [render_generation_prompt(gen_tok, profile_prompt(method, e, hist, profile_history,
                                                                       review_chars=review_chars)) for e in examples]
     key_item = (lambda e: e.item_id) if method == "duet" else (lambda e: "")  # baselines profile the user alone
+    stop = (P.DUET_STOP,) if method == "duet" else ()  # as in GRPO's rollouts and validation
     raw = cached_generate([(e.user_id, key_item(e), p) for e, p in zip(examples, prompts)], generator, gen_tok,
-                          cache, max_new_tokens, batch_size, progress)
+                          cache, max_new_tokens, batch_size, progress, stop_texts=stop)
+    raw = [P.cut_after(t, stop) for t in raw]  # answers cached before generation stopped there, too
     users, items, reasons = [], [], []
     for text in raw:
         if method == "duet":

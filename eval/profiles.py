@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from data.prompts import cut_after
+
 # ------------------------------------------------------------------------------------------------ weights hash
 _CHUNK, _N_CHUNKS = 1 << 16, 16
 
@@ -99,8 +101,9 @@ def render_generation_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
-                   seed: int = 0, progress=None) -> list[str]:
-    """Greedy answers to rendered prompts, batched by length through model/sampler.generate; in input order."""
+                   seed: int = 0, progress=None, stop_texts=()) -> list[str]:
+    """Greedy answers to rendered prompts, batched by length through model/sampler.generate; in input order.
+    An answer also ends once it contains one of `stop_texts` (cut right after it)."""
     from model.sampler import generate
 
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
@@ -110,11 +113,11 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
         idx = order[s:s + batch_size]
         res = generate(model, [ids[i] for i in idx], max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, n=1,
                        eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size,
-                       seed=seed)
+                       seed=seed, stop_texts=stop_texts, decode=tokenizer.decode)
         toks, lengths = res.tokens, res.lengths
         for b, i in enumerate(idx):
             row = toks[b, :int(lengths[b])].tolist()
-            out[i] = tokenizer.decode([t for t in row if t not in tokenizer.eos_ids])
+            out[i] = cut_after(tokenizer.decode([t for t in row if t not in tokenizer.eos_ids]), stop_texts)
         if progress:
             progress(len(idx))
     return out
@@ -122,7 +125,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
 @torch.no_grad()  # not inference_mode: FSDP2 updates its gathered parameters in place
 def cached_generate(requests: Sequence[tuple[str, str, str]], model, tokenizer, cache: ProfileCache | None,
-                    max_new_tokens: int = 256, batch_size: int = 8, progress=None) -> list[str]:
+                    max_new_tokens: int = 256, batch_size: int = 8, progress=None, stop_texts=()) -> list[str]:
     """requests: (user_id, item_id, rendered prompt). Generates each distinct prompt not in the cache once,
     appends it to the cache as soon as its batch is done, and returns the raw answers in request order."""
     known: dict[str, str] = {}  # prompt -> answer, from the cache (an identical prompt is never generated twice)
@@ -138,7 +141,7 @@ def cached_generate(requests: Sequence[tuple[str, str, str]], model, tokenizer, 
     for s in range(0, len(prompts), batch_size * 4):  # write to the cache every few batches
         chunk = prompts[s:s + batch_size * 4]
         for p, text in zip(chunk, generate_texts(model, tokenizer, chunk, max_new_tokens, batch_size,
-                                                 progress=progress)):
+                                                 progress=progress, stop_texts=stop_texts)):
             known[p] = text
             if cache is not None:
                 cache.put(*todo[p], p, text)

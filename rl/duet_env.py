@@ -14,6 +14,7 @@ import torch
 
 from data import load_dataset
 from data.history import HistoryIndex
+from data.prompts import cut_after
 from eval.recommender import Recommender
 from eval.reward import rating_reward
 
@@ -68,7 +69,7 @@ class DuetEnv:
     def score(self, episodes, completions, texts, d=None):
         G = len(texts) // len(episodes)
         targets = [episodes[r // G].meta["target"] for r in range(len(texts))]
-        texts = [self.prefix + P.cut_after(t, self.stop_texts) for t in texts]
+        texts = [self.prefix + cut_after(t, self.stop_texts) for t in texts]
         parsed = [P.parse_profile("duet", t) for t in texts]
         examples = [P.rec_example(self.hx, self.ds, x.user_id, x.item_id, x.timestamp, *(p or ("", "")),
                                   review_chars=self.opt.review_chars) for x, (p, _) in zip(targets, parsed)]

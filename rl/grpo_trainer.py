@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data.prompts import DUET_STOP
 from model.sampler import generate, row_seed
 
 from . import distributed as D
@@ -42,7 +43,7 @@ class GRPOConfig(L.RunConfig):
     review_chars: int = 200
     max_prompt_tokens: int = 1536
     response_prefix: str = field(default="", metadata={"help": "opens the answer, e.g. '<user_profile><cue>'"})
-    stop_text: str = field(default="</item_profile>", metadata={
+    stop_text: str = field(default=DUET_STOP, metadata={
         "help": "DUET: a rollout ends once it has written this (nothing may follow it); empty: only at EOS"})
     format_reward: str = field(default="constant", metadata={
         "help": "constant: format_failure_reward for any failure (DUET); graded: a failure earns "

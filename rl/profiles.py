@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.prompts import PARSERS, PROFILE_PROMPTS, RESPONSE_PREFIXES, duet_messages, parse_duet
+from data.prompts import PARSERS, PROFILE_PROMPTS, RESPONSE_PREFIXES, cut_after, duet_messages, parse_duet
 from eval.recommender import RecExample
 
 from . import distributed as D
@@ -54,13 +54,6 @@ def rec_example(hx, ds, user_id, item_id, t, user_profile, item_profile, review_
     item = ds.items.get(item_id)
     return RecExample(hx.user_history(user_id, t, RECENT, review_chars=review_chars), user_profile,
                       item.title if item else item_id, item_profile)
-
-
-def cut_after(text: str, stop_texts) -> str:
-    """The text up to the end of its first stop text (the last token of a stopped row can carry characters past
-    it, e.g. ">\n" or "></"); unchanged when it holds none."""
-    ends = [text.index(s) + len(s) for s in stop_texts if s in text]
-    return text[:min(ends)] if ends else text
 
 
 def format_progress(text: str) -> float:

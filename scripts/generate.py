@@ -1,12 +1,13 @@
 """Sample completions for a JSONL file of prompts.
 
     python scripts/generate.py --model smollm2-135m-instruct --input prompts.jsonl --output out.jsonl \
-        --max-new-tokens 128 --temperature 0.7 --top-p 0.9 --n 4 --seed 0
+        --max-new-tokens 128 --temperature 0.7 --top-p 0.9 --n 4 --seed 0 [--stop "</item_profile>"]
 
 Each input line is {"prompt": "raw text"} or {"messages": [{"role": ..., "content": ...}, ...]} (rendered with
 the model's chat template); other keys are copied through. Each output line adds "text" and "token_ids" (lists of
 one entry per sample when --n > 1). Temperature 0 is greedy. Prompts are batched by length; sample j of line i
-always draws from the stream row_seed(seed, i, j), so the output does not depend on --batch-size.
+always draws from the stream row_seed(seed, i, j), so the output does not depend on --batch-size. A sample ends
+at the tokenizer's EOS or once its text contains a --stop text (kept in the text, as the EOS is in the ids).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", action="append", default=[], help="a text that ends a sample (repeatable)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -81,8 +83,8 @@ def main(argv=None):
             idx = order[s:s + args.batch_size]
             out = generate(model, [prompts[i] for i in idx], args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, n=args.n, eos_ids=tok.eos_ids,
-                           pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size,
-                           seeds=[row_seed(args.seed, i, j) for i in idx for j in range(args.n)])
+                           pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size, stop_texts=args.stop,
+                           decode=tok.decode, seeds=[row_seed(args.seed, i, j) for i in idx for j in range(args.n)])
             rows = out.completions()
             for k, i in enumerate(idx):
                 ids = rows[k * args.n:(k + 1) * args.n]

@@ -77,7 +77,7 @@ def test_cache_roundtrip_and_keys(tmp_path):
 def test_cached_generate_generates_each_prompt_once(tmp_path, monkeypatch):
     calls = []
 
-    def fake(model, tok, prompts, max_new_tokens, batch_size, seed=0, progress=None):
+    def fake(model, tok, prompts, max_new_tokens, batch_size, seed=0, progress=None, stop_texts=()):
         calls.extend(prompts)
         return [f"answer to {p}" for p in prompts]
 
@@ -111,15 +111,22 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     good = ("<user_profile><cue>c</cue><constructed_prompt>p</constructed_prompt><profile>Likes A.</profile>"
             "</user_profile><item_profile><cue>c</cue><constructed_prompt>p</constructed_prompt>"
             "<profile>A calm album.</profile></item_profile>")
-    answers = iter([good, "<user_profile> oops", good])
-    monkeypatch.setattr(PR, "generate_texts", lambda m, t, prompts, *a, **k: [next(answers) for _ in prompts])
+    # the third: a generation stopped at "</item_profile>" whose last token ran past it is cut there
+    answers = iter([good, "<user_profile> oops", good + "></"])
+    stops = []
+
+    def fake(m, t, prompts, *a, stop_texts=(), **k):
+        stops.append(tuple(stop_texts))
+        return [next(answers) for _ in prompts]
+
+    monkeypatch.setattr(PR, "generate_texts", fake)
     ds = load_dataset(ds_dir)
     ex = E.build_examples(ds, "test")
     tok = load_tokenizer(STORIES)
     rec = Recommender(load_model(STORIES), tok)
     m, rows = E.evaluate_method("duet", ex, ds, recommender=rec, generator=object(), gen_tok=tok,
                                 cache=ProfileCache(tmp_path / "c", "duet", "z" * 64))
-    assert m["format_failures"] == 1 and m["n"] == 2
+    assert m["format_failures"] == 1 and m["n"] == 2 and set(stops) == {("</item_profile>",)}
     failed = [r for r in rows if r["prediction"] is None]
     assert len(failed) == 1 and failed[0]["format"] == "unclosed <user_profile>"
     ok = [r for r in rows if r["prediction"] is not None]

@@ -200,8 +200,10 @@ def test_duet_env_rewards_parsed_profiles(tmp_path):
     r_stop, f_stop, _ = stopped.score([ep], [[1], [1]], [good + "></", good + "\nProduct"])
     assert f_stop.tolist() == [False, False] and r_stop.tolist() == pytest.approx([float(rewards[0])] * 2, abs=1e-5)
     assert env.score([ep], [[1], [1]], [good + "></", good])[1].tolist() == [True, False]
-    assert P.cut_after("a</x>b</x>c", ["</x>"]) == "a</x>" and P.cut_after("abc", ["</x>"]) == "abc"
-    assert P.cut_after("a<y>b</x>", ["</x>", "<y>"]) == "a<y>"
+    from data.prompts import cut_after
+
+    assert cut_after("a</x>b</x>c", ["</x>"]) == "a</x>" and cut_after("abc", ["</x>"]) == "abc"
+    assert cut_after("a<y>b</x>", ["</x>", "<y>"]) == "a<y>"
 
 
 def test_format_progress_and_graded_failure_reward(tmp_path):

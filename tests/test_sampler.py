@@ -257,6 +257,17 @@ def test_generate_script(tmp_path, stories):
     first = out.read_text()
     script.main(args + ["--batch-size", "1"])  # seeds follow the line, not the batch
     assert out.read_text() == first
+    # --stop: a sample that writes the stop text ends there (kept); the others are the same samples as before
+    text = lines[0]["text"][0]
+    stop = text[len(text) // 2 - 2:len(text) // 2 + 1]  # from the middle of the first sample
+    script.main(args + ["--stop", stop])
+    shorter = 0
+    for old, new in zip(lines, [json.loads(x) for x in out.read_text().splitlines()]):
+        for t_old, t_new in zip(old["text"], new["text"]):
+            assert t_old.startswith(t_new) and (t_new == t_old or stop in t_new)
+            shorter += len(t_new) < len(t_old)
+    assert shorter >= 1
+    out.write_text(first)
     inp.write_text('{"prompt": "ok"}\n{"messages": "not a list"}\n')
     with pytest.raises(ValueError, match="in.jsonl:2"):
         script.main(args)
