@@ -153,15 +153,28 @@ def stage_pairs(cfg, d: D.Dist, ds, hx):
 # ---- training ---------------------------------------------------------------------------------------------------
 
 def encode_pairs(pairs, tokenizer, hx, cfg):
-    """Token ids of (prompt, chosen, rejected); each profile ends with EOS so the model learns to stop."""
+    """Token ids of (prompt, chosen, rejected); each profile ends with EOS so the model learns to stop.
+
+    A train style with a response prefix (lg-rating: "Usually rates ") ends the prompt with it, as exploration and
+    validation do, and the two completions are what follows it: the policy is trained on the tokens it chose, not
+    on a shared opener it never wrote (the opener's log-prob would cancel in pi_c - pi_r anyway)."""
     eos = tokenizer.eos_token_id
+    prefix = P.style_prefix(cfg.train_style)
     out = []
-    for p in pairs:
+    for n, p in enumerate(pairs, 1):
         msgs = P.profile_messages(cfg.train_style, hx, p["user_id"], "", p["t_cut"], _opt(cfg), "")
-        prompt = P.prompt_ids(tokenizer, msgs, cfg.max_prompt_tokens)
-        c = tokenizer.encode(p["chosen"], add_special_tokens=False)[:cfg.max_new_tokens - 1] + [eos]
-        r = tokenizer.encode(p["rejected"], add_special_tokens=False)[:cfg.max_new_tokens - 1] + [eos]
-        out.append((prompt, c, r))
+        prompt = P.prompt_ids(tokenizer, msgs, cfg.max_prompt_tokens, prefix)
+        ids = []
+        for side in ("chosen", "rejected"):
+            text = p[side]
+            if prefix:  # keep what the explorer wrote after the prefix (a profile is stripped: "" if nothing)
+                if text.startswith(prefix) or text == prefix.rstrip():
+                    text = text[len(prefix):]
+                else:
+                    raise ValueError(f"pairs.jsonl, pair {n}: the {side} profile does not open with the "
+                                     f"--train-style {cfg.train_style} prefix {prefix!r}: explore with that style")
+            ids.append(tokenizer.encode(text, add_special_tokens=False)[:cfg.max_new_tokens - 1] + [eos])
+        out.append((prompt, ids[0], ids[1]))
     return out
 
 
@@ -216,7 +229,7 @@ def stage_train(cfg, d: D.Dist, ds, hx, preset=None) -> dict:
 
     def validate_fn():
         return P.validate(models.policy, models.tokenizer, rec, ds, hx, valid, cfg.train_style, _opt(cfg), d,
-                          cfg.max_new_tokens, cfg.max_prompt_tokens)
+                          cfg.max_new_tokens, cfg.max_prompt_tokens, P.style_prefix(cfg.train_style))
 
     return L.run(cfg, d, models, resume_from, 1, step_fn, validate_fn,
                  {"loss": "loss", "reward_accuracy": "acc", "reward_margin": "margin"}, preset, desc="dpo")

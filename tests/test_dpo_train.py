@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from model import load_model, load_tokenizer
 from rl.config import parse_config
-from rl.dpo_trainer import PRESETS, DPOConfig, main, pair_logprobs
+from rl.dpo_trainer import PRESETS, DPOConfig, encode_pairs, main, pair_logprobs
 from rl.lettingo import read_jsonl, select_pairs, write_jsonl_atomic
 from rl.tracking import read_metrics
 from tests.tiny import one_thread, tiny_chat_model, tiny_dataset  # noqa: F401 (autouse fixture)
@@ -117,6 +117,38 @@ def test_select_pairs_modes():
     allp = select_pairs(rows, "all", 0.15)
     assert sorted((p["chosen"], p["rejected"]) for p in allp) == [("p1", "p0"), ("p1", "p2"), ("p2", "p0")]
     assert select_pairs(rows, "best-worst", 0.5) == []
+
+
+def test_encode_pairs_style_prefix_ends_the_prompt(tiny):
+    """lg-rating: the prompt ends with "Usually rates " as in exploration and validation; chosen and rejected are
+    the tokens written after it (+ EOS), so prompt + completion re-reads as the explored answer."""
+    from data import load_dataset
+    from data.history import HistoryIndex
+
+    model, data = tiny
+    tok = load_tokenizer(model)
+    ds = load_dataset(data)
+    pairs = toy_pairs(data, n_users=2)
+    pairs[0].update(chosen="Usually rates 4/5. Likes calm songs.", rejected="Usually rates 2/5.")
+    pairs[1].update(chosen="Usually rates", rejected="Usually rates 1/5 and hates noise.")
+    cfg = parse_config(DPOConfig, PRESETS, ["--train-style", "lg-rating", "--user-history", "3",
+                                            "--review-chars", "30", "--max-prompt-tokens", "4096"])[0]
+    enc = encode_pairs(pairs, tok, HistoryIndex(ds), cfg)
+    eos = tok.eos_token_id
+    opener = tok.encode("Usually rates ", add_special_tokens=False)
+    for (prompt, c, r), p in zip(enc, pairs):
+        assert prompt[-len(opener):] == opener
+        for ids, text in ((c, p["chosen"]), (r, p["rejected"])):
+            assert ids[-1] == eos
+            # (the tiny sentencepiece tokenizer adds a space when it encodes a text alone; byte-level BPE does not)
+            assert " ".join(tok.decode(prompt[-len(opener):] + ids[:-1]).split()) == text
+    assert enc[0][1][:-1] == tok.encode("4/5. Likes calm songs.", add_special_tokens=False)
+    assert enc[0][2][:-1] == tok.encode("2/5.", add_special_tokens=False)
+    assert enc[1][1] == [eos]  # nothing written after the prefix
+    # a profile from another style has no prefix to continue: the error names the pair and the side
+    pairs[1]["rejected"] = "Likes rock."
+    with pytest.raises(ValueError, match="pair 2: the rejected profile"):
+        encode_pairs(pairs, tok, HistoryIndex(ds), cfg)
 
 
 def test_stages_explore_score_pairs(tiny, tmp_path):
