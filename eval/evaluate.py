@@ -31,7 +31,7 @@ from eval.profiles import ProfileCache, cached_generate, render_generation_promp
 from eval.recommender import RecExample, Recommender
 
 CLASSIC = ("global-mean", "user-mean", "item-mean", "mf")
-LLM_METHODS = ("10h", "kar", "palr", "rlmrec", "lg", "duet", "oracle")
+LLM_METHODS = ("10h", "kar", "palr", "rlmrec", "lg", "lg-rating", "duet", "oracle")
 METHODS = CLASSIC + LLM_METHODS
 
 
@@ -108,21 +108,24 @@ def profile_prompt(method: str, ex: EvalExample, hist: HistoryIndex, profile_his
                                review_chars=review_chars)
         return P.duet_messages(uh, ih, hist.user_average(ex.user_id, ex.timestamp),
                                hist.item_average(ex.item_id, ex.timestamp), ex.item_title)
-    return P.BASELINE_PROMPTS[method](uh)
+    return P.PROFILE_PROMPTS[method](uh)  # the baselines, and lg-rating (LettinGo exploration style)
 
 
 def llm_profiles(method: str, examples, hist: HistoryIndex, generator, gen_tok, cache: ProfileCache | None = None,
                  profile_history: int = 30, max_new_tokens: int = 256, batch_size: int = 8, progress=None,
                  review_chars: int = 200):
     """-> (user_profiles, item_profiles, reasons, raw texts), lists aligned with examples; a failed parse gives
-    None profiles and its reason ("ok" otherwise)."""
+    None profiles and its reason ("ok" otherwise). A style with a response prefix (lg-rating: "Usually rates ")
+    has its answer opened with it, as in LettinGo's exploration and DPO validation; the prefix is part of the text."""
+    prefix = P.RESPONSE_PREFIXES.get(method, "")
     prompts = [render_generation_prompt(gen_tok, profile_prompt(method, e, hist, profile_history,
-                                                                      review_chars=review_chars)) for e in examples]
+                                                                      review_chars=review_chars)) + prefix
+               for e in examples]
     key_item = (lambda e: e.item_id) if method == "duet" else (lambda e: "")  # baselines profile the user alone
     stop = (P.DUET_STOP,) if method == "duet" else ()  # as in GRPO's rollouts and validation
     raw = cached_generate([(e.user_id, key_item(e), p) for e, p in zip(examples, prompts)], generator, gen_tok,
                           cache, max_new_tokens, batch_size, progress, stop_texts=stop)
-    raw = [P.cut_after(t, stop) for t in raw]  # answers cached before generation stopped there, too
+    raw = [prefix + P.cut_after(t, stop) for t in raw]  # answers cached before generation stopped there, too
     users, items, reasons = [], [], []
     for text in raw:
         if method == "duet":

@@ -28,7 +28,7 @@ from eval.evaluate import (CLASSIC, HEADER, METHODS, build_examples, evaluate_me
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS)
-    p.add_argument("--generator", help="profile writer: model name, directory or .gguf (kar, palr, rlmrec, lg, duet)")
+    p.add_argument("--generator", help="profile writer: model name, directory or .gguf (kar, palr, rlmrec, lg, lg-rating, duet)")
     p.add_argument("--recommender", help="frozen recommender model (every LLM method)")
     p.add_argument("--data", help="canonical dataset directory (scripts/prepare_data.py)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
@@ -106,7 +106,7 @@ def main(argv=None):
         if not a.recommender:
             raise SystemExit(f"--recommender is required for method {a.method}")
         rec = Recommender(*get(a.recommender), batch_size=a.batch_size)
-    if a.method in ("kar", "palr", "rlmrec", "lg", "duet"):
+    if a.method in ("kar", "palr", "rlmrec", "lg", "lg-rating", "duet"):
         if not a.generator:
             raise SystemExit(f"--generator is required for method {a.method}")
         gen, gen_tok = get(a.generator)

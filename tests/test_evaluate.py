@@ -149,6 +149,28 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     assert f'4. "{TITLES["a"]}" - rated 4/5' in rows[2]["prompt"] and f'5. "{TITLES["b"]}" - rated ' in rows[2]["prompt"]
 
 
+def test_lg_rating_answer_opens_with_its_prefix(ds_dir, tmp_path, monkeypatch):
+    """lg-rating: the generator's prompt ends with "Usually rates " and the profile the recommender reads is the
+    prefix plus what was written after it."""
+    seen = []
+
+    def fake(m, t, prompts, *a, **k):
+        seen.extend(prompts)
+        return ["4/5. Likes calm jazz." for _ in prompts]
+
+    monkeypatch.setattr(PR, "generate_texts", fake)
+    ds = load_dataset(ds_dir)
+    ex = E.build_examples(ds, "test")
+    tok = load_tokenizer(STORIES)
+    rec = Recommender(load_model(STORIES), tok)
+    m, rows = E.evaluate_method("lg-rating", ex, ds, recommender=rec, generator=object(), gen_tok=tok,
+                                cache=ProfileCache(tmp_path / "c", "lg-rating", "z" * 64))
+    assert seen and all(q.endswith("Usually rates ") and "Begin with the rating" in q for q in seen)
+    assert m["n"] == 3 and m["format_failures"] == 0
+    assert all(r["user_profile"] == "Usually rates 4/5. Likes calm jazz." for r in rows)
+    assert all("(User profile: Usually rates 4/5. Likes calm jazz.)" in r["prompt"] for r in rows)
+
+
 def test_script_out_and_compare(ds_dir, tmp_path, capsys):
     import evaluate as script
 
