@@ -49,6 +49,10 @@ def parse_args(argv=None):
                    help="ranking: score each example's item against this many items its user never rated and "
                         "add hit@k, ndcg@k, mrr (k = 1, 5, 10) to metrics.json; 0 = rating metrics only")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print one table of these result folders and exit")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                   help="paired MAE difference B - A over the examples both result folders predicted (format "
+                        "failures left out and counted in only_a / only_b), with its standard error; prints one "
+                        "JSON line and exits")
     return p.parse_args(argv)
 
 
@@ -61,6 +65,33 @@ def compare(dirs) -> str:
         m = json.loads(f.read_text())
         lines.append(table_row(m.get("name") or Path(d).name, m))
     return "\n".join(lines)
+
+
+def paired(dir_a, dir_b) -> dict:
+    """Paired MAE difference of two result folders over their shared (user, item, rating) examples with a
+    prediction in both."""
+    from eval.metrics import paired_mae_difference
+
+    def rows(d):
+        f = Path(d) / "predictions.jsonl"
+        if not f.exists():
+            raise SystemExit(f"{f}: no such file (not a result folder of scripts/evaluate.py --out)")
+        out = {}
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            try:
+                r = json.loads(line)
+                key = (r["user_id"], r["item_id"], r["rating"])
+                pred = r["prediction"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise SystemExit(f"{f}, line {n}: not a prediction row ({e})") from None
+            if pred is not None:
+                out[key] = float(pred)
+        return out
+
+    ra, rb = rows(dir_a), rows(dir_b)
+    keys = sorted(set(ra) & set(rb))
+    res = paired_mae_difference([k[2] for k in keys], [ra[k] for k in keys], [rb[k] for k in keys])
+    return {"a": str(dir_a), "b": str(dir_b), "only_a": len(ra) - len(keys), "only_b": len(rb) - len(keys), **res}
 
 
 def write_results(out: Path, metrics: dict, rows: list[dict]):
@@ -78,6 +109,9 @@ def main(argv=None):
     a = parse_args(argv)
     if a.compare:
         print(compare(a.compare))
+        return
+    if a.paired:
+        print(json.dumps(paired(*a.paired)))
         return
     if not a.method or not a.data:
         raise SystemExit("--method and --data are required (or --compare DIR...)")

@@ -171,6 +171,26 @@ def test_lg_rating_answer_opens_with_its_prefix(ds_dir, tmp_path, monkeypatch):
     assert all("(User profile: Usually rates 4/5. Likes calm jazz.)" in r["prompt"] for r in rows)
 
 
+def test_paired_difference_by_hand(tmp_path, capsys):
+    from eval.metrics import paired_mae_difference
+
+    # |b - y| - |a - y|: (0.5 - 1.0), (0 - 0), (1.5 - 0.5) -> -0.5, 0, 1.0; mean 1/6, sd of (-0.5, 0, 1) = 0.7638
+    m = paired_mae_difference([4, 5, 2], [3.0, 5.0, 2.5], [4.5, 5.0, 3.5])
+    assert m["diff"] == pytest.approx(1 / 6) and m["mae_b"] - m["mae_a"] == pytest.approx(1 / 6)
+    assert m["se"] == pytest.approx(0.7637626 / 3 ** 0.5, rel=1e-6)
+    assert (m["b_better"], m["a_better"], m["ties"], m["n"]) == (1, 1, 1, 3)
+    # the script matches rows on (user, item, rating) and leaves out a failure (prediction null)
+    import evaluate as S
+
+    for name, preds in (("a", [3.0, 5.0, 2.5, 4.0]), ("b", [4.5, 5.0, 3.5, None])):
+        rows = [{"user_id": u, "item_id": i, "rating": y, "prediction": p}
+                for (u, i, y), p in zip([("u1", "x", 4), ("u1", "y", 5), ("u2", "x", 2), ("u3", "z", 1)], preds)]
+        S.write_results(tmp_path / name, {}, rows[::-1] if name == "b" else rows)
+    S.main(["--paired", str(tmp_path / "a"), str(tmp_path / "b")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["diff"] == pytest.approx(1 / 6) and out["n"] == 3 and (out["only_a"], out["only_b"]) == (1, 0)
+
+
 def test_script_out_and_compare(ds_dir, tmp_path, capsys):
     import evaluate as script
 
