@@ -191,6 +191,21 @@ def test_paired_difference_by_hand(tmp_path, capsys):
     assert out["diff"] == pytest.approx(1 / 6) and out["n"] == 3 and (out["only_a"], out["only_b"]) == (1, 0)
 
 
+def test_profile_headroom_script(ds_dir, capsys):
+    """scripts/profile_headroom.py scores the template profiles; "none" is the 10H row, the paired difference of
+    each template is its MAE minus none's, and the user-mean baseline is computed by hand here."""
+    import profile_headroom
+
+    profile_headroom.main(["--recommender", str(STORIES), "--data", str(ds_dir), "--examples", "5"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 2 and out["none (10H)"]["diff_vs_none"] == 0
+    for name, row in out.items():
+        if isinstance(row, dict):
+            assert row["diff_vs_none"] == pytest.approx(row["mae"] - out["none (10H)"]["mae"], abs=2e-4)
+    # valid rows: u1 rates c 3 at t=5 (before: 5, 4 -> 4.5), u2 rates b 2 at t=6 (before: 2, 1 -> 1.5)
+    assert out["user_mean_baseline"] == pytest.approx((1.5 + 0.5) / 2)
+
+
 def test_script_out_and_compare(ds_dir, tmp_path, capsys):
     import evaluate as script
 

@@ -1,0 +1,90 @@
+"""How far can a user/item profile move the frozen recommender's MAE? Fixed template profiles on valid examples.
+
+Before training a profile writer (GRPO, DPO) against a recommender, measure what the best simple profiles can buy:
+the recommender scores each example with no profile (10H: the recent history only) and with template profiles that
+state a rating (a constant, the user's average before the target, the item's average). If no template beats
+"none" by more than the noise, no trained writer will show a lower validation MAE with that recommender either.
+
+    python scripts/profile_headroom.py --examples 96            # SmolLM2-135M-Instruct on the synthetic default
+    python scripts/profile_headroom.py --recommender DIR --data DIR --split valid --examples 256
+
+The examples are the trainers' validation subset (the same seeded order, its first --examples). Prints a table
+and, last, one JSON line {name: MAE} with the user-mean baseline and the paired standard error of each template
+against "none".
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def templates(hx, fill: float):
+    """name -> (user profile or None, item profile or None) as functions of an example."""
+    ua = lambda x: hx.user_average(x.user_id, x.timestamp)  # noqa: E731
+    ia = lambda x: hx.item_average(x.item_id, x.timestamp)  # noqa: E731
+    f = lambda v: fill if v is None else v  # noqa: E731  (no interaction before: the train mean)
+    return {
+        "none (10H)": (lambda x: None, lambda x: None),
+        "user: Usually rates 4/5.": (lambda x: "Usually rates 4/5.", lambda x: None),
+        "user: Usually rates 5/5.": (lambda x: "Usually rates 5/5.", lambda x: None),
+        "user: Usually rates round(avg)/5.": (lambda x: f"Usually rates {round(f(ua(x)))}/5.", lambda x: None),
+        "user: Usually rates avg/5 (1 decimal)": (lambda x: f"Usually rates {f(ua(x)):.1f}/5.", lambda x: None),
+        "item: Listeners rate it about avg/5": (lambda x: None, lambda x: f"Listeners rate it about {f(ia(x)):.1f}/5."),
+        "user avg + item avg": (lambda x: f"Usually rates {f(ua(x)):.1f}/5.",
+                                lambda x: f"Listeners rate it about {f(ia(x)):.1f}/5."),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recommender", default="smollm2-135m-instruct")
+    p.add_argument("--data", default="", help="canonical dataset dir; empty: the synthetic default")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--examples", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from data import load_dataset
+    from data.default import default_dataset_dir
+    from data.history import HistoryIndex
+    from eval.metrics import paired_mae_difference
+    from eval.recommender import Recommender
+    from model import load_model, load_tokenizer
+    from rl import loop as L
+    from rl import profiles as P
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ds = load_dataset(a.data or default_dataset_dir())
+    hx = HistoryIndex(ds)
+    rows = sorted(ds.split(a.split), key=lambda x: (x.timestamp, x.user_id))
+    if not rows:
+        raise SystemExit(f"split {a.split!r} of {a.data or 'the default dataset'} is empty")
+    rows = [rows[i] for i in L.epoch_order(len(rows), 0, a.seed)[:a.examples]]
+    rec = Recommender(load_model(a.recommender), load_tokenizer(a.recommender))
+    y = [float(x.rating) for x in rows]
+    train = ds.split("train")
+    fill = sum(x.rating for x in train) / len(train)
+    preds = {}
+    for name, (uf, itf) in templates(hx, fill).items():
+        ex = [P.rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, uf(x), itf(x)) for x in rows]
+        preds[name] = rec.score(ex)[0].tolist()
+        d = paired_mae_difference(y, preds["none (10H)"], preds[name])
+        print(f"{name:40s} MAE {d['mae_b']:.4f}  vs none {d['diff']:+.4f} +- {d['se']:.4f}  "
+              f"mean prediction {sum(preds[name]) / len(rows):.2f}", flush=True)
+    um = [f if (f := hx.user_average(x.user_id, x.timestamp)) is not None else fill for x in rows]
+    out = {"n": len(rows), "user_mean_baseline": sum(abs(u - t) for u, t in zip(um, y)) / len(rows)}
+    for name, pr in preds.items():
+        d = paired_mae_difference(y, preds["none (10H)"], pr)
+        out[name] = {"mae": round(d["mae_b"], 4), "diff_vs_none": round(d["diff"], 4), "se": round(d["se"], 4)}
+    print(f"user-mean baseline (no LLM) MAE {out['user_mean_baseline']:.4f}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
