@@ -107,6 +107,17 @@ def test_weights_hash_stable_and_sensitive(tmp_path):
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found")
+def run_with_fake_generator(method, fake, ds_dir, tmp_path, monkeypatch):
+    """evaluate_method on the test split with `fake` standing in for generate_texts; stories260K recommends."""
+    monkeypatch.setattr(PR, "generate_texts", fake)
+    ds = load_dataset(ds_dir)
+    ex = E.build_examples(ds, "test")
+    tok = load_tokenizer(STORIES)
+    rec = Recommender(load_model(STORIES), tok)
+    return ds, ex, rec, E.evaluate_method(method, ex, ds, recommender=rec, generator=object(), gen_tok=tok,
+                                          cache=ProfileCache(tmp_path / "c", method, "z" * 64))
+
+
 def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     good = ("<user_profile><cue>c</cue><constructed_prompt>p</constructed_prompt><profile>Likes A.</profile>"
             "</user_profile><item_profile><cue>c</cue><constructed_prompt>p</constructed_prompt>"
@@ -119,13 +130,7 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
         stops.append(tuple(stop_texts))
         return [next(answers) for _ in prompts]
 
-    monkeypatch.setattr(PR, "generate_texts", fake)
-    ds = load_dataset(ds_dir)
-    ex = E.build_examples(ds, "test")
-    tok = load_tokenizer(STORIES)
-    rec = Recommender(load_model(STORIES), tok)
-    m, rows = E.evaluate_method("duet", ex, ds, recommender=rec, generator=object(), gen_tok=tok,
-                                cache=ProfileCache(tmp_path / "c", "duet", "z" * 64))
+    ds, ex, rec, (m, rows) = run_with_fake_generator("duet", fake, ds_dir, tmp_path, monkeypatch)
     assert m["format_failures"] == 1 and m["n"] == 2 and set(stops) == {("</item_profile>",)}
     failed = [r for r in rows if r["prediction"] is None]
     assert len(failed) == 1 and failed[0]["format"] == "unclosed <user_profile>"
@@ -158,13 +163,7 @@ def test_lg_rating_answer_opens_with_its_prefix(ds_dir, tmp_path, monkeypatch):
         seen.extend(prompts)
         return ["4/5. Likes calm jazz." for _ in prompts]
 
-    monkeypatch.setattr(PR, "generate_texts", fake)
-    ds = load_dataset(ds_dir)
-    ex = E.build_examples(ds, "test")
-    tok = load_tokenizer(STORIES)
-    rec = Recommender(load_model(STORIES), tok)
-    m, rows = E.evaluate_method("lg-rating", ex, ds, recommender=rec, generator=object(), gen_tok=tok,
-                                cache=ProfileCache(tmp_path / "c", "lg-rating", "z" * 64))
+    _, _, _, (m, rows) = run_with_fake_generator("lg-rating", fake, ds_dir, tmp_path, monkeypatch)
     assert seen and all(q.endswith("Usually rates ") and "Begin with the rating" in q for q in seen)
     assert m["n"] == 3 and m["format_failures"] == 0
     assert all(r["user_profile"] == "Usually rates 4/5. Likes calm jazz." for r in rows)
