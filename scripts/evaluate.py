@@ -114,7 +114,7 @@ def main(argv=None):
         print(json.dumps(paired(*a.paired)))
         return
     if not a.method or not a.data:
-        raise SystemExit("--method and --data are required (or --compare DIR...)")
+        raise SystemExit("--method and --data are required (or --compare DIR... / --paired A B)")
     import torch
 
     from data import load_dataset
@@ -140,7 +140,7 @@ def main(argv=None):
         if not a.recommender:
             raise SystemExit(f"--recommender is required for method {a.method}")
         rec = Recommender(*get(a.recommender), batch_size=a.batch_size)
-    if a.method in ("kar", "palr", "rlmrec", "lg", "lg-rating", "duet"):
+    if a.method not in CLASSIC + ("10h", "oracle"):  # the methods whose profiles an LLM writes
         if not a.generator:
             raise SystemExit(f"--generator is required for method {a.method}")
         gen, gen_tok = get(a.generator)
