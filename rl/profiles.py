@@ -92,17 +92,21 @@ def pad_to_world(items: list, d: D.Dist) -> tuple[list, int]:
 
 @torch.no_grad()
 def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: HistoryOptions, d: D.Dist,
-             max_new_tokens: int, max_prompt_tokens: int, response_prefix: str = "", stop_texts=()) -> dict:
+             max_new_tokens: int, max_prompt_tokens: int, response_prefix: str = "", stop_texts=(),
+             gen_batch: int = 32) -> dict:
     """Greedy profiles for a fixed list of (user, item, rating, t) targets -> MAE, RMSE, Acc, F1, reward.
 
     Format failures are counted apart (not in MAE); the reward counts them at -1, as DUET does; format_progress
     is the mean share of the DUET tag pairs written (1.0 for a well-formed answer), which moves before the
     failure rate does. `mae_fallback` is the MAE over every target, a failed row predicted without any profile
     (the 10H prompt: history only): defined from step 0 even when no profile parses yet, and it falls only if
-    the written profiles predict better than the history alone. `stop_texts` end the greedy answers as they
-    end the rollouts.
+    the written profiles predict better than the history alone. `mae_vs_none` is the paired difference, over
+    the parsed rows, of the error with the profiles minus the error without any (negative: the profiles help),
+    with its standard error `mae_vs_none_se`: the low-noise answer to "do these profiles help the recommender".
+    `stop_texts` end the greedy answers as they end the rollouts; generation runs `gen_batch` prompts at a time
+    (the KV cache of a whole validation set at once would not fit).
     """
-    from eval.metrics import rating_metrics
+    from eval.metrics import paired_mae_difference, rating_metrics
     from eval.reward import rating_reward
     from model.sampler import generate
 
@@ -111,23 +115,27 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
                                                       _title(ds, x.item_id)), max_prompt_tokens, response_prefix)
                for x in mine]
     policy.eval()
+    texts = []
     with D.gathered(policy):
-        out = generate(policy, prompts, max_new_tokens, temperature=0.0, eos_ids=tokenizer.eos_ids,
-                       pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled,
-                       stop_texts=stop_texts, decode=tokenizer.decode)
-    texts = [response_prefix + cut_after(tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()), stop_texts)
-             for r in range(len(mine))]
+        for s in range(0, len(prompts), gen_batch):  # every rank has the same number of prompts: same calls
+            out = generate(policy, prompts[s:s + gen_batch], max_new_tokens, temperature=0.0,
+                           eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id,
+                           vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled, stop_texts=stop_texts,
+                           decode=tokenizer.decode)
+            texts += [response_prefix + cut_after(tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist()),
+                                                  stop_texts) for r in range(out.tokens.shape[0])]
     parsed = [parse_profile(style, t)[0] for t in texts]
     examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or (None, None)), opt.review_chars)
                 for x, p in zip(mine, parsed)]
     y_hat, _ = recommender.score(examples)  # failed rows: no profile (10H), the fallback of mae_fallback
+    y_none, _ = recommender.score([e._replace(user_profile=None, item_profile=None) for e in examples])
     prog = [format_progress(t) if style == "duet" else float(p is not None) for t, p in zip(texts, parsed)]
-    rows = [(x.rating, float(y), p is None, g)
-            for x, y, p, g in zip(mine[:real], y_hat[:real].tolist(), parsed[:real], prog[:real])]
+    rows = [(x.rating, float(y), p is None, g, float(n)) for x, y, p, g, n in
+            zip(mine[:real], y_hat[:real].tolist(), parsed[:real], prog[:real], y_none[:real].tolist())]
     rows = [r for part in D.all_gather_objects(rows, d) for r in part]
-    ok = [(y, yh) for y, yh, f, _ in rows if not f]
-    failures = sum(f for _, _, f, _ in rows)
-    m = rating_metrics([y for y, _ in ok], [yh for _, yh in ok], failures=failures) if ok else \
+    ok = [(y, yh, yn) for y, yh, f, _, yn in rows if not f]
+    failures = sum(r[2] for r in rows)
+    m = rating_metrics([y for y, _, _ in ok], [yh for _, yh, _ in ok], failures=failures) if ok else \
         {"format_failures": failures, "n": 0}
     rewards = rating_reward(torch.tensor([r[0] for r in rows], dtype=torch.float32),
                             torch.tensor([r[1] for r in rows], dtype=torch.float32),
@@ -135,7 +143,11 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
     m["reward"] = float(torch.as_tensor(rewards).mean())
     m["format_failure_rate"] = failures / max(1, len(rows))
     m["format_progress"] = sum(r[3] for r in rows) / max(1, len(rows))  # DUET: share of the 8 tag pairs written
-    m["mae_fallback"] = sum(abs(y - yh) for y, yh, _, _ in rows) / max(1, len(rows))
+    m["mae_fallback"] = sum(abs(r[0] - r[1]) for r in rows) / max(1, len(rows))
+    m["mae_none"] = sum(abs(r[0] - r[4]) for r in rows) / max(1, len(rows))  # the 10H recommender on every row
+    if len(ok) > 1:
+        pd = paired_mae_difference([y for y, _, _ in ok], [yn for _, _, yn in ok], [yh for _, yh, _ in ok])
+        m["mae_vs_none"], m["mae_vs_none_se"] = pd["diff"], pd["se"]
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 

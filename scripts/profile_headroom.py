@@ -20,11 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def templates(hx, fill: float):
-    """name -> (user profile or None, item profile or None) as functions of an example."""
+def templates(hx, fill: float, mf):
+    """name -> (user profile or None, item profile or None) as functions of an example. `mf(x)`: a biased MF's
+    prediction for the example (fit on train only)."""
     ua = lambda x: hx.user_average(x.user_id, x.timestamp)  # noqa: E731
     ia = lambda x: hx.item_average(x.item_id, x.timestamp)  # noqa: E731
     f = lambda v: fill if v is None else v  # noqa: E731  (no interaction before: the train mean)
+    clip = lambda v: min(5, max(1, round(v)))  # noqa: E731
+    bias = lambda x: f(ua(x)) + f(ia(x)) - fill  # noqa: E731  (mu + b_u + b_i from the two averages DUET shows)
     return {
         "none (10H)": (lambda x: None, lambda x: None),
         "user: Usually rates 4/5.": (lambda x: "Usually rates 4/5.", lambda x: None),
@@ -34,6 +37,11 @@ def templates(hx, fill: float):
         "item: Listeners rate it about avg/5": (lambda x: None, lambda x: f"Listeners rate it about {f(ia(x)):.1f}/5."),
         "user avg + item avg": (lambda x: f"Usually rates {f(ua(x)):.1f}/5.",
                                 lambda x: f"Listeners rate it about {f(ia(x)):.1f}/5."),
+        # per-target statements, as only a writer that sees the target (DUET) can make
+        "user: Would rate this about round(u+i-mu)/5.": (lambda x: f"Would rate this album about {clip(bias(x))}/5.",
+                                                         lambda x: None),
+        "user: Would rate this about round(MF)/5.": (lambda x: f"Would rate this album about {clip(mf(x))}/5.",
+                                                     lambda x: None),
     }
 
 
@@ -52,6 +60,7 @@ def main(argv=None):
     from data import load_dataset
     from data.default import default_dataset_dir
     from data.history import HistoryIndex
+    from eval.baselines import BiasedMF
     from eval.metrics import paired_mae_difference
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
@@ -70,8 +79,11 @@ def main(argv=None):
     y = [float(x.rating) for x in rows]
     train = ds.split("train")
     fill = sum(x.rating for x in train) / len(train)
+    model = BiasedMF().fit([(x.user_id, x.item_id, x.rating) for x in train])  # train only: no valid tuning
+    mf_pred = model.predict([x.user_id for x in rows], [x.item_id for x in rows]).tolist()
+    mf_of = {(x.user_id, x.item_id, x.timestamp): v for x, v in zip(rows, mf_pred)}
     preds = {}
-    for name, (uf, itf) in templates(hx, fill).items():
+    for name, (uf, itf) in templates(hx, fill, lambda x: mf_of[(x.user_id, x.item_id, x.timestamp)]).items():
         ex = [P.rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, uf(x), itf(x)) for x in rows]
         preds[name] = rec.score(ex)[0].tolist()
         d = paired_mae_difference(y, preds["none (10H)"], preds[name])
