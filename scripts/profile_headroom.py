@@ -2,8 +2,10 @@
 
 Before training a profile writer (GRPO, DPO) against a recommender, measure what the best simple profiles can buy:
 the recommender scores each example with no profile (10H: the recent history only) and with template profiles that
-state a rating (a constant, the user's average before the target, the item's average). If no template beats
-"none" by more than the noise, no trained writer will show a lower validation MAE with that recommender either.
+state a rating (a constant, the user's average before the target, the item's average) or, as only a writer that
+sees the target can (DUET), a per-target rating: the bias estimate u + i - mu from the two averages DUET's prompt
+shows, and a biased MF's prediction (fit on train only). If no template beats "none" by more than the noise, no
+trained writer will show a lower validation MAE with that recommender either.
 
     python scripts/profile_headroom.py --examples 96            # SmolLM2-135M-Instruct on the synthetic default
     python scripts/profile_headroom.py --recommender DIR --data DIR --split valid --examples 256
