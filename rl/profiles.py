@@ -128,6 +128,7 @@ def validate(policy, tokenizer, recommender, ds, hx, targets, style: str, opt: H
     examples = [rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, *(p or (None, None)), opt.review_chars)
                 for x, p in zip(mine, parsed)]
     y_hat, _ = recommender.score(examples)  # failed rows: no profile (10H), the fallback of mae_fallback
+    # every row, not just the parsed ones: under FSDP each rank must run the same recommender forwards
     y_none, _ = recommender.score([e._replace(user_profile=None, item_profile=None) for e in examples])
     prog = [format_progress(t) if style == "duet" else float(p is not None) for t, p in zip(texts, parsed)]
     rows = [(x.rating, float(y), p is None, g, float(n)) for x, y, p, g, n in

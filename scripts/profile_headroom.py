@@ -81,8 +81,8 @@ def main(argv=None):
     y = [float(x.rating) for x in rows]
     train = ds.split("train")
     fill = sum(x.rating for x in train) / len(train)
-    model = BiasedMF().fit([(x.user_id, x.item_id, x.rating) for x in train])  # train only: no valid tuning
-    mf_pred = model.predict([x.user_id for x in rows], [x.item_id for x in rows]).tolist()
+    mf = BiasedMF().fit([(x.user_id, x.item_id, x.rating) for x in train])  # train only: no valid tuning
+    mf_pred = mf.predict([x.user_id for x in rows], [x.item_id for x in rows]).tolist()
     mf_of = {(x.user_id, x.item_id, x.timestamp): v for x, v in zip(rows, mf_pred)}
     preds = {}
     for name, (uf, itf) in templates(hx, fill, lambda x: mf_of[(x.user_id, x.item_id, x.timestamp)]).items():
