@@ -140,13 +140,17 @@ def test_group_advantages_hand_values_and_equal_group():
     # Dr. GRPO: no std scaling
     adv2, _ = group_advantages(r, 4, scale_by_std=False)
     assert all(close(a, w, 1e-6) for a, w in zip(adv2.tolist(), [0.5, -0.5, 0, 0, 0, 0, 0, 0]))
-    # all groups constant, and G = 1
+    # all groups constant
     a3, m3 = group_advantages(torch.full((6,), 0.3), 3)
     assert torch.equal(a3, torch.zeros(6)) and close(m3["zero_std_frac"], 1.0)
-    a4, _ = group_advantages(torch.tensor([0.2, 0.9]), 1)
-    assert torch.equal(a4, torch.zeros(2))
     with pytest.raises(ValueError):
         group_advantages(torch.zeros(7), 4)
+
+
+def test_group_of_one_is_refused():
+    """G = 1 has no baseline: every advantage would be 0 and nothing learnt, silently. It is an error."""
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        group_advantages(torch.tensor([0.2, 0.9]), 1)
 
 
 def test_policy_loss_hand_values_clip_fractions():
@@ -178,7 +182,7 @@ def test_extreme_ratio_is_clamped_finite_loss_and_grad():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     adv = torch.tensor([-1.0])  # negative: the unclipped branch -A r is active for the huge ratio
     ref = torch.tensor([[1e4, -1e4, float("-inf")]])
-    loss, m = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.1)
+    loss, m = grpo_loss(logp, old, ref, adv, mask, kl_coef=0.1, clip_ratio_c=None, max_kl=None)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
     k3_hi = math.exp(20) - 20 - 1  # ref - logp = 1e4 clamped to 20
@@ -189,10 +193,48 @@ def test_extreme_ratio_is_clamped_finite_loss_and_grad():
     assert close(m["clip_frac_low"], 0.5)
 
 
+def test_dual_clip_caps_negative_advantage_loss_as_verl():
+    """verl's dual clip (clip_ratio_c = 3): A = -1 and ratio 5 lose 3, not 5, and give no gradient."""
+    logp = torch.tensor([[math.log(5.0), math.log(2.0), math.log(5.0)]], requires_grad=True)
+    old, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    adv = torch.tensor([[-1.0, -1.0, 1.0]])  # token 1: ratio 2 < 3, untouched; token 2: A > 0, ordinary clip
+    loss, m = policy_loss(logp, old, adv, mask)
+    assert close(loss, (3.0 + 2.0 - 1.2) / 3)
+    assert close(m["clip_frac_dual"], 1 / 3) and close(m["clip_frac_high"], 1 / 3)
+    loss.backward()
+    assert all(close(g, w) for g, w in zip(logp.grad[0].tolist(), [0.0, 2.0 / 3, 0.0]))
+    plain, m0 = policy_loss(logp.detach(), old, adv, mask, clip_ratio_c=None)
+    assert close(plain, (5.0 + 2.0 - 1.2) / 3) and close(m0["clip_frac_dual"], 0.0)
+    with pytest.raises(ValueError):
+        policy_loss(logp.detach(), old, adv, mask, clip_ratio_c=0.5)
+
+
+def test_kl_cap_as_verl_low_var_kl():
+    """verl clamps low_var_kl to [-10, 10]: a log-ratio of 19 gives 10, not exp(19) - 20 = 1.8e8; no gradient."""
+    logp = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[19.0, 0.5]])
+    kl = kl_k3(logp, ref)
+    assert close(kl[0, 0], 10.0) and close(kl[0, 1], math.exp(0.5) - 0.5 - 1, 1e-6)
+    assert close(kl_k3(logp.detach(), ref, max_kl=None)[0, 0], math.exp(19) - 20, 1e-6)
+    kl.sum().backward()
+    assert logp.grad[0, 0] == 0 and close(logp.grad[0, 1], 1 - math.exp(0.5), 1e-6)
+
+
+def test_extreme_ratio_with_verl_defaults():
+    """The same extreme tokens with the default dual clip and KL cap: the loss stays O(1)."""
+    logp = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    old, ref = torch.tensor([[-1e4, 1e4]]), torch.tensor([[1e4, -1e4]])
+    loss, m = grpo_loss(logp, old, ref, torch.tensor([-1.0]), torch.ones(1, 2), kl_coef=0.1)
+    # token 0: A = -1, ratio e^20 -> dual clip 3; token 1: ratio e^-20 -> clip low 0.8; both k3 (e^20 - 21 and
+    # e^-20 + 19) capped at 10
+    assert close(loss, (3.0 + 0.8) / 2 + 0.1 * (10.0 + 10.0) / 2, 1e-5)
+    assert close(m["clip_frac_dual"], 0.5) and close(m["kl"], 10.0)
+
+
 def test_kl_k3_hand_values():
     logp = torch.tensor([[0.0, 0.0, 0.0, -3.0]])
     ref = torch.tensor([[0.5, -0.5, 0.0, -3.0 + 100.0]])
-    kl = kl_k3(logp, ref)
+    kl = kl_k3(logp, ref, max_kl=None)
     want = [math.exp(0.5) - 0.5 - 1, math.exp(-0.5) + 0.5 - 1, 0.0, math.exp(20) - 20 - 1]
     assert all(close(a, w, 1e-6) for a, w in zip(kl[0].tolist(), want))
     g = torch.Generator().manual_seed(1)
