@@ -15,7 +15,7 @@ Methods
   of a profile written for the pair: data/synthetic.py::oracle_pair_profile).
 
 A generation that fails its parser (DUET tags, RLMRec JSON, an empty answer) is a format failure: counted in
-`format_failures`, written to predictions.jsonl with its reason, and left out of MAE/RMSE/Acc/F1 (DESIGN.md).
+`format_failures`, written to predictions.jsonl with its reason, and left out of MAE/RMSE/Acc/F1.
 """
 from __future__ import annotations
 
@@ -215,12 +215,14 @@ def _mae_fallback(rows, examples, hist, recommender, rec_history) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ tables
-HEADER = "| Method | MAE | RMSE | Acc (%) | F1 (%) | Format failures | Examples |\n|---|---|---|---|---|---|---|"
+HEADER = ("| Method | MAE | RMSE | Acc (%) | F1 macro-5 (%) | Format failures | Examples |\n"
+          "|---|---|---|---|---|---|---|")
 
 
 def table_row(name: str, m: dict) -> str:
-    """One markdown row in the paper's Table 1 layout (Acc and F1 in percent); n counts the scored examples."""
+    """One markdown row in the paper's Table 1 layout (Acc and F1 in percent; F1 is the macro average over the
+    five classes, `f1_macro_5`); n counts the scored examples."""
     def f(x, scale=1.0, nd=4):
         return "n/a" if x is None or x != x else f"{x * scale:.{nd}f}"
-    return (f"| {name} | {f(m['mae'])} | {f(m['rmse'])} | {f(m['acc'], 100, 2)} | {f(m['f1'], 100, 2)} | "
+    return (f"| {name} | {f(m['mae'])} | {f(m['rmse'])} | {f(m['acc'], 100, 2)} | {f(m['f1_macro_5'], 100, 2)} | "
             f"{m['format_failures']} | {m['n']} |")

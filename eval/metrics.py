@@ -8,9 +8,11 @@ Accuracy; we do not, see shared/DESIGN.md).
 Conventions, fixed here:
 - Rounding is half-up: class = floor(clip(y_hat, lo, hi) + 0.5), so 3.5 -> 4 and 2.5 -> 3 (numpy's round
   would give 4 and 2: banker's rounding). y_true must already be an integer rating in lo..hi.
-- Macro-F1 averages the per-class F1 over the classes present in y_true OR y_pred (sklearn's f1_score with
-  average='macro' and labels=None). A class that is predicted but never true (or true but never predicted)
-  has F1 = 0 and counts; a class in neither is left out.
+- Macro-F1, two ways, both reported: `f1_macro_5` averages the per-class F1 over all five classes lo..hi (a
+  class in neither y_true nor y_pred has F1 = 0: sklearn's f1_score with labels=[1..5], zero_division=0), and
+  `f1_macro_present` over the classes present in y_true OR y_pred only (sklearn's default, labels=None). A
+  class that is predicted but never true (or true but never predicted) has F1 = 0 in both. The results tables
+  show `f1_macro_5` ("macro over the five classes").
 - Ranking: one positive against N negatives per row, a higher score ranks first. Ties between the positive
   and negatives are resolved by `ties`: 'pessimistic' (default: the positive ranks below every tied negative,
   so a constant predictor scores as badly as possible), 'optimistic', or 'random' (the exact expectation of
@@ -29,12 +31,13 @@ def round_half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(x, dtype=np.float64) + 0.5)
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-F1 over the labels present in y_true or y_pred (integer class arrays of equal length)."""
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, labels=None) -> float:
+    """Macro-F1 of integer class arrays of equal length, over `labels` (default: the labels present in y_true
+    or y_pred); a label in neither array has F1 = 0."""
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     f1s = []
-    for c in np.union1d(y_true, y_pred):
+    for c in (np.union1d(y_true, y_pred) if labels is None else labels):
         tp = float(np.sum((y_pred == c) & (y_true == c)))
         fp = float(np.sum((y_pred == c) & (y_true != c)))
         fn = float(np.sum((y_pred != c) & (y_true == c)))
@@ -43,7 +46,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def rating_metrics(y_true, y_pred, failures: int = 0, lo: int = 1, hi: int = 5) -> dict:
-    """dict(mae, rmse, acc, f1, format_failures, n) over the n parsed predictions.
+    """dict(mae, rmse, acc, f1_macro_5, f1_macro_present, format_failures, n) over the n parsed predictions.
 
     y_true: (n,) integer ratings in lo..hi; y_pred: (n,) continuous predictions (failures already removed);
     failures: the number of examples whose output could not be parsed, reported apart.
@@ -60,8 +63,8 @@ def rating_metrics(y_true, y_pred, failures: int = 0, lo: int = 1, hi: int = 5) 
     if bad.size:
         raise ValueError(f"y_true[{bad[0]}] = {y_true[bad[0]]} is not an integer rating in {lo}..{hi}")
     n = int(y_true.size)
-    out = {"mae": float("nan"), "rmse": float("nan"), "acc": float("nan"), "f1": float("nan"),
-           "format_failures": int(failures), "n": n}
+    out = {"mae": float("nan"), "rmse": float("nan"), "acc": float("nan"), "f1_macro_5": float("nan"),
+           "f1_macro_present": float("nan"), "format_failures": int(failures), "n": n}
     if n == 0:
         return out
     err = y_pred - y_true
@@ -70,7 +73,8 @@ def rating_metrics(y_true, y_pred, failures: int = 0, lo: int = 1, hi: int = 5) 
     out["mae"] = float(np.mean(np.abs(err)))
     out["rmse"] = float(math.sqrt(np.mean(err**2)))
     out["acc"] = float(np.mean(cls_pred == cls_true))
-    out["f1"] = macro_f1(cls_true, cls_pred)
+    out["f1_macro_5"] = macro_f1(cls_true, cls_pred, labels=range(lo, hi + 1))
+    out["f1_macro_present"] = macro_f1(cls_true, cls_pred)
     return out
 
 

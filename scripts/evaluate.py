@@ -6,7 +6,7 @@
         --data DIR --split test --out results/music/duet
     python scripts/evaluate.py --compare results/music/*      # one markdown table, a row per folder
 
---out DIR receives metrics.json (mae, rmse, acc, f1, format_failures, n and the run's settings) and
+--out DIR receives metrics.json (mae, rmse, acc, f1_macro_5, f1_macro_present, format_failures, n and the run's settings) and
 predictions.jsonl (user_id, item_id, rating, prediction, probs of 1..5, the exact recommender prompt; for
 profile methods also the generated text, its format verdict and the parsed profiles). Generated profiles are
 cached under --cache (key: method, generator weights' hash, user, item, prompt), so a rerun regenerates nothing.
@@ -162,10 +162,11 @@ def main(argv=None):
         write_results(Path(a.out), metrics, rows)
     print(HEADER)
     print(table_row(name, metrics))
-    keys = ["mae", "rmse", "acc", "f1", "format_failures", "n", "seconds"]
+    keys = ["mae", "rmse", "acc", "f1_macro_5", "f1_macro_present", "format_failures", "n", "seconds"]
     if a.negatives:
-        keys += ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr"]
-        print(f"ranking against {a.negatives} negatives: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys[7:]))
+        ranking = ["hit@1", "hit@5", "hit@10", "ndcg@5", "ndcg@10", "mrr"]
+        keys += ranking
+        print(f"ranking against {a.negatives} negatives: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ranking))
     if "mae_fallback" in metrics:  # profile methods: failures predicted from the history alone
         keys.insert(1, "mae_fallback")
     print(json.dumps({k: metrics[k] for k in keys}))

@@ -211,7 +211,7 @@ def test_script_out_and_compare(ds_dir, tmp_path, capsys):
     for m in ("global-mean", "user-mean"):
         script.main(["--method", m, "--data", str(ds_dir), "--split", "test", "--out", str(tmp_path / m)])
     met = json.loads((tmp_path / "user-mean" / "metrics.json").read_text())
-    assert {"mae", "rmse", "acc", "f1", "format_failures", "n"} <= set(met)
+    assert {"mae", "rmse", "acc", "f1_macro_5", "f1_macro_present", "format_failures", "n"} <= set(met)
     lines = (tmp_path / "user-mean" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["prediction"] == pytest.approx(4.5)  # u1 train mean
     capsys.readouterr()

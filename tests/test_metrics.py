@@ -22,7 +22,15 @@ def test_rating_metrics_hand_values_clipping_rounding_missing_class():
     assert math.isclose(m["rmse"], math.sqrt((0.25 + 0.51**2 + 16 + 4 + 0.25 + 0) / 6), rel_tol=1e-12)
     assert m["acc"] == 3 / 6
     # per class F1 = 2tp / (2tp + fp + fn): 1: 1; 2: 0 (true, never predicted); 3: 0; 4: 2/3; 5: 2/3
-    assert math.isclose(m["f1"], (1 + 0 + 0 + 2 / 3 + 2 / 3) / 5, rel_tol=1e-12)
+    assert math.isclose(m["f1_macro_5"], (1 + 0 + 0 + 2 / 3 + 2 / 3) / 5, rel_tol=1e-12)
+    assert m["f1_macro_present"] == m["f1_macro_5"]  # all five classes occur
+
+
+def test_rating_metrics_f1_five_classes_and_present_differ():
+    """Classes 3, 4, 5 in neither truth nor prediction: macro over five counts them as 0, present-only drops them."""
+    m = rating_metrics([1, 1, 2], [1.0, 2.0, 2.0])
+    assert math.isclose(m["f1_macro_present"], 2 / 3, rel_tol=1e-12)  # (2/3 + 2/3) / 2
+    assert math.isclose(m["f1_macro_5"], 4 / 15, rel_tol=1e-12)  # (2/3 + 2/3 + 0 + 0 + 0) / 5
 
 
 def test_macro_f1_over_labels_present_only():
@@ -38,6 +46,8 @@ def test_macro_f1_matches_sklearn_if_installed():
     for _ in range(20):
         a, b = rng.integers(1, 6, 15), rng.integers(1, 4, 15)
         assert math.isclose(macro_f1(a, b), sk.f1_score(a, b, average="macro", zero_division=0), rel_tol=1e-12)
+        assert math.isclose(macro_f1(a, b, labels=range(1, 6)),
+                            sk.f1_score(a, b, labels=[1, 2, 3, 4, 5], average="macro", zero_division=0), rel_tol=1e-12)
 
 
 def test_round_half_up_and_errors():
