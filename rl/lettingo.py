@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from itertools import combinations
 from pathlib import Path
 
@@ -59,6 +60,14 @@ def user_windows(ds, heldout: int, min_history: int, limit: int | None = None) -
     return out[:limit] if limit else out
 
 
+def candidate_stream(seed: int, user_id: str, style: str, temperature: float, sample: int) -> int:
+    """The random stream of one candidate: its own for every (user, style, temperature, sample), whatever the
+    batch, the rank or the order of the jobs, so that candidates at two temperatures never share their draws."""
+    from model.sampler import row_seed
+
+    return row_seed(seed, zlib.crc32(f"{user_id}\x00{style}\x00{float(temperature)!r}".encode()), sample)
+
+
 def explore(users, ds, hx, explorer: str, model, tokenizer, styles, temperatures, samples: int,
             opt: P.HistoryOptions, max_new_tokens: int, max_prompt_tokens: int, seed: int = 0,
             batch_prompts: int = 8, progress: bool = True) -> list[dict]:
@@ -75,8 +84,9 @@ def explore(users, ds, hx, explorer: str, model, tokenizer, styles, temperatures
             chunk = users[b:b + batch_prompts]
             prompts = [P.prompt_ids(tokenizer, P.profile_messages(style, hx, u["user_id"], "", u["t_cut"], opt, ""),
                                     max_prompt_tokens, prefix) for u in chunk]
+            seeds = [candidate_stream(seed, u["user_id"], style, temp, j) for u in chunk for j in range(n)]
             out = generate(model, prompts, max_new_tokens, temperature=temp, n=n, eos_ids=tokenizer.eos_ids,
-                           pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, seed=seed + b)
+                           pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, seeds=seeds)
             for r in range(len(chunk) * n):
                 u = chunk[r // n]
                 text = prefix + tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist())
