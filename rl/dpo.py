@@ -1,8 +1,11 @@
 """DPO math: sequence log-probs and the preference loss with its variants.
 
-References: Rafailov et al. 2023 (DPO: -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))));
-Mitchell 2023 "A note on DPO with noisy preferences" (conservative DPO = label smoothing eps:
--(1 - eps) log sigmoid(x) - eps log sigmoid(-x)); Azar et al. 2023 (IPO: (h - 1/(2 beta))^2).
+References (TRL's `DPOTrainer` loss_type names in brackets):
+- Rafailov et al. 2023, DPO, arXiv 2305.18290: -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))) [sigmoid];
+- Mitchell 2023, "A note on DPO with noisy preferences": conservative DPO, label smoothing eps,
+  -(1 - eps) log sigmoid(x) - eps log sigmoid(-x) [sigmoid with label_smoothing];
+- Azar et al. 2023, IPO, arXiv 2310.12036: (h - 1/(2 beta))^2 [ipo], on per-token AVERAGE log-probs as TRL
+  computes them for IPO (sequence_logprob(..., average=True)); summed log-probs remain an option.
 The reported implicit rewards beta * (log pi - log ref) are those of the DPO paper (section 5).
 """
 
@@ -14,16 +17,17 @@ import torch.nn.functional as F
 Metrics = dict[str, torch.Tensor]
 
 
-def sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-prob of the masked tokens of each sequence: (B, T), (B, T) -> (B,).
+def sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Log-prob of the masked tokens of each sequence, summed (DPO) or averaged per token (IPO as in TRL):
+    (B, T), (B, T) -> (B,).
 
-    Masked-out positions are excluded with torch.where (padding may hold anything). For IPO, Azar et al. and
-    TRL use the per-token average instead: divide by mask.sum(-1) yourself if you want that.
+    Masked-out positions are excluded with torch.where (padding may hold anything).
     """
     if token_logp.shape != mask.shape:
         raise ValueError(f"token_logp {tuple(token_logp.shape)} and mask {tuple(mask.shape)} differ")
     keep = mask > 0
-    return torch.where(keep, token_logp, torch.zeros_like(token_logp)).sum(dim=-1)  # (B,)
+    total = torch.where(keep, token_logp, torch.zeros_like(token_logp)).sum(dim=-1)  # (B,)
+    return total / keep.sum(dim=-1).clamp(min=1) if average else total
 
 
 def dpo_loss(
@@ -36,7 +40,8 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     global_pairs: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """DPO loss over P pairs; each argument is (P,) summed sequence log-probs (reference ones without grad).
+    """DPO loss over P pairs; each argument is (P,) sequence log-probs (reference ones without grad): summed for
+    DPO, per-token averages for IPO (see sequence_logprob).
 
     h = (pi_c - pi_r) - (ref_c - ref_r)            (P,) the log-ratio difference
     sigmoid: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)   (ls = label_smoothing, 0 = plain DPO)

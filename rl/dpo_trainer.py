@@ -11,6 +11,7 @@ copy of the model, and rank 0 gathers the rows. Training shares the GRPO machine
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from . import distributed as D
 from . import lettingo as LG
 from . import loop as L
 from . import profiles as P
+from .config import must, one_of
 from .dpo import dpo_loss, sequence_logprob
 from .rollout import completion_logprobs, make_batch
 
@@ -61,11 +63,36 @@ class DPOConfig(L.RunConfig):
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo"})
+    ipo_average: bool = field(default=True, metadata={
+        "help": "ipo: per-token average log-probs of each profile (as TRL); false: summed, as DPO"})
     pairs_per_step: int = 8
     micro_batch_pairs: int = 2
     lr: float = 5e-6
     weight_decay: float = 0.0
     log_text_every: int = 10
+
+    def check(self):
+        super().check()
+        one_of("stage", self.stage, STAGES + ("all",))
+        for name in ("users", "heldout", "samples", "pairs_per_step", "micro_batch_pairs", "max_prompt_tokens"):
+            must(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("min_history", "user_history", "review_chars"):
+            must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        must(self.max_new_tokens >= 2, "max_new_tokens", "must be >= 2 (a profile token and EOS)", self.max_new_tokens)
+        must(len(self.explorers) >= 1, "explorers", "must name at least one model", self.explorers)
+        must(len(self.temperatures) >= 1 and all(float(t) >= 0 for t in self.temperatures), "temperatures",
+             "must be one or more numbers >= 0 (0: greedy)", self.temperatures)
+        known = tuple(P.PROFILE_PROMPTS)  # the single-profile styles LettinGo explores
+        for style in self.styles:
+            one_of("styles", style, known)
+        must(len(self.styles) >= 1, "styles", "must name at least one style", self.styles)
+        one_of("train_style", self.train_style, known)
+        one_of("pair_mode", self.pair_mode, ("best-worst", "all"))
+        one_of("pair_metric", self.pair_metric, ("reward", "neg_mae"))
+        must(self.pair_margin >= 0, "pair_margin", "must be >= 0", self.pair_margin)
+        must(self.beta > 0, "beta", "must be > 0", self.beta)
+        must(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
+        one_of("loss_type", self.loss_type, ("sigmoid", "ipo"))
 
 
 PRESETS = {
@@ -109,7 +136,7 @@ def stage_explore(cfg, d: D.Dist, ds, hx):
         model, tok = load_model(src, device=d.device), load_tokenizer(src)
         rows += LG.explore(mine, ds, hx, src, model, tok, cfg.styles, [float(t) for t in cfg.temperatures],
                            cfg.samples, _opt(cfg), cfg.max_new_tokens, cfg.max_prompt_tokens,
-                           seed=cfg.seed + 7919 * k + 104729 * d.rank, progress=d.is_main)
+                           seed=cfg.seed + 7919 * k, progress=d.is_main)  # streams keyed by user, not rank
         del model
     rows = [r for part in D.all_gather_objects(rows, d) for r in part]
     if d.is_main:
@@ -178,33 +205,66 @@ def encode_pairs(pairs, tokenizer, hx, cfg):
     return out
 
 
-def pair_logprobs(model, encoded, idx, temperature=1.0):
-    """Summed log-probs of chosen and rejected for pairs `idx`: one batch, chosen rows then rejected rows."""
+def average_logps(cfg) -> bool:
+    """IPO compares per-token average log-probs by default (TRL); DPO summed ones."""
+    return cfg.loss_type == "ipo" and cfg.ipo_average
+
+
+def pair_logprobs(model, encoded, idx, vocab_limit: int | None = None, average: bool = False):
+    """Log-probs (summed, or per-token averages) of chosen and rejected for pairs `idx`: one batch, chosen rows
+    then rejected rows, over the tokenizer's ids below vocab_limit."""
     prompts = [encoded[i][0] for i in idx] * 2
     comps = [encoded[i][1] for i in idx] + [encoded[i][2] for i in idx]
     batch = make_batch(prompts, comps, pad_id=0).to(next(model.parameters()).device)
-    logp, _ = completion_logprobs(model, batch, temperature)
-    seq = sequence_logprob(logp, batch.mask)  # (2P,)
+    logp, _ = completion_logprobs(model, batch, vocab_limit=vocab_limit)
+    seq = sequence_logprob(logp, batch.mask, average)  # (2P,)
     return seq[:len(idx)], seq[len(idx):]
 
 
+def model_identity(src: str) -> str:
+    """What names a model's weights: a known name or hub id as given; a local directory or file by its resolved
+    path with the size and modification time of its config and weight files (a re-written checkpoint differs)."""
+    p = Path(src)
+    if not p.exists():
+        return src
+    files = sorted(p.glob("*.safetensors")) + [p / "config.json"] if p.is_dir() else [p]
+    return f"{p.resolve()}|" + "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                         for f in files if f.exists())
+
+
+def reference_key(cfg) -> dict:
+    """Everything the stored reference log-probs depend on: the model, the pairs, how they become tokens."""
+    pairs = _files(cfg)["pairs"]
+    return {"model": model_identity(cfg.model), "pairs_sha256": hashlib.sha256(pairs.read_bytes()).hexdigest(),
+            "train_style": cfg.train_style, "max_new_tokens": cfg.max_new_tokens,
+            "max_prompt_tokens": cfg.max_prompt_tokens, "user_history": cfg.user_history,
+            "review_chars": cfg.review_chars, "average": average_logps(cfg)}
+
+
 @torch.no_grad()
-def reference_logprobs(reference, encoded, micro: int, d: D.Dist, path: Path) -> torch.Tensor:
-    """(N, 2) reference log-probs of (chosen, rejected) for every pair, computed once and stored in `path`."""
+def reference_logprobs(reference, encoded, micro: int, d: D.Dist, path: Path, key: dict,
+                       vocab_limit: int | None = None, average: bool = False) -> torch.Tensor:
+    """(N, 2) reference log-probs of (chosen, rejected) for every pair, computed once and stored in `path` with
+    the `key` they were computed for; a file whose key differs (another model, pairs, style, token limits) is
+    recomputed, and the run says why."""
     if path.exists():
-        saved = torch.tensor(json.loads(path.read_text()))
-        if saved.shape == (len(encoded), 2):
-            return saved
+        saved = json.loads(path.read_text())
+        old_key = saved.get("key", {}) if isinstance(saved, dict) else {}
+        if old_key == key and len(saved["logps"]) == len(encoded):
+            return torch.tensor(saved["logps"], dtype=torch.float32)
+        if d.is_main:
+            changed = sorted(k for k in key.keys() | old_key.keys() if key.get(k) != old_key.get(k)) or ["pairs"]
+            print(f"{path}: computed for another {', '.join(changed)}; recomputing the reference log-probs")
     idx, real = P.pad_to_world(list(range(len(encoded))), d)
     rows = []
     for s in range(0, len(idx), micro):
-        c, r = pair_logprobs(reference, encoded, idx[s:s + micro])
+        c, r = pair_logprobs(reference, encoded, idx[s:s + micro], vocab_limit, average)
         rows += list(zip(idx[s:s + micro], c.tolist(), r.tolist()))
     rows = {i: (c, r) for part in D.all_gather_objects(rows[:real], d) for i, c, r in part}
     ref = torch.tensor([rows[i] for i in range(len(encoded))], dtype=torch.float32)
     if d.is_main:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ref.tolist()))
+        tmp.write_text(json.dumps({"key": key, "logps": ref.tolist()}))
         tmp.replace(path)
     return ref
 
@@ -216,7 +276,8 @@ def stage_train(cfg, d: D.Dist, ds, hx, preset=None) -> dict:
     resume_from = L.resume_point(cfg)
     models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
     encoded = encode_pairs(pairs, models.tokenizer, hx, cfg)
-    ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json")
+    ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
+                             reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg))
 
     def step_fn(step, optimizer, scheduler, tracker):
         return dpo_step(step, cfg, models, encoded, pairs, ref, optimizer, scheduler, d, tracker)
@@ -245,7 +306,7 @@ def dpo_step(step, cfg, models: L.Models, encoded, pairs, ref, optimizer, schedu
     sums = torch.zeros(len(keys), dtype=torch.float64)
     for s in range(0, len(mine), cfg.micro_batch_pairs):
         idx = mine[s:s + cfg.micro_batch_pairs]
-        pc, pr = pair_logprobs(policy, encoded, idx)
+        pc, pr = pair_logprobs(policy, encoded, idx, models.tokenizer.vocab_size, average_logps(cfg))
         rc, rr = ref[idx, 0].to(pc.device), ref[idx, 1].to(pc.device)
         loss, m = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                            loss_type=cfg.loss_type, global_pairs=cfg.pairs_per_step)
@@ -269,9 +330,9 @@ def dpo_step(step, cfg, models: L.Models, encoded, pairs, ref, optimizer, schedu
 
 
 def main(cfg: DPOConfig, preset: str | None = None) -> dict:
-    if cfg.stage not in STAGES + ("all",):
-        raise ValueError(f"unknown stage {cfg.stage!r}: {', '.join(STAGES)}, all")
+    cfg.check()
     d = D.setup(cfg.device or None)
+    L.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)  # the pairs split over the ranks, before loading
     torch.manual_seed(cfg.seed)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     ds, hx = _dataset(cfg)
