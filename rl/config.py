@@ -1,13 +1,44 @@
-"""Dataclass configs turned into command-line flags, with named presets.
+"""Dataclass configs turned into command-line flags, with named presets, checked before anything loads.
 
 Every field of the dataclass becomes `--field-name`; `--preset NAME` picks the defaults first, flags override.
+A config class may define `check(self)`, raising ConfigError (via `must` / `one_of`) for a value out of range:
+parse_config then prints one line naming the flag and exits with status 2, before any model or data is read.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import sys
 from pathlib import Path
+
+from data.io import DataError
+
+
+class ConfigError(ValueError):
+    """A flag's value is out of its allowed range: the user's error, reported without a traceback."""
+
+
+def must(ok: bool, name: str, rule: str, value) -> None:
+    """Raise ConfigError "--name rule, got value" unless ok."""
+    if not ok:
+        raise ConfigError(f"--{name.replace('_', '-')} {rule}, got {value!r}")
+
+
+def one_of(name: str, value, options) -> None:
+    must(value in options, name, f"must be one of {', '.join(map(str, options))}", value)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """For entry points: a user's error (a flag out of range, a missing model, data or stage file, bad data)
+    prints one line `error: ...` and exits with status 2; any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _flag_type(default):
@@ -46,7 +77,13 @@ def parse_config(cls, presets: dict[str, dict], argv=None, default_preset: str |
             p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=help_)
     args = vars(p.parse_args(argv))
     preset = args.pop("preset")
-    return cls(**args), preset
+    cfg = cls(**args)
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except ConfigError as e:
+            p.error(str(e))  # prints usage and "error: ...", exits with status 2
+    return cfg, preset
 
 
 def save_config(cfg, path: Path):

@@ -22,6 +22,7 @@ from model.sampler import generate, row_seed
 
 from . import distributed as D
 from . import loop as L
+from .config import must, one_of
 from .grpo import group_advantages, grpo_loss
 from .rollout import batched_logprobs, completion_logprobs, make_batch
 from .tracking import Tracker
@@ -62,11 +63,40 @@ class GRPOConfig(L.RunConfig):
     ppo_epochs: int = 1
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float = field(default=3.0, metadata={
+        "help": "dual clip (verl's clip_ratio_c): a negative-advantage token loses at most c * |A|; 0: off"})
     kl_coef: float = 0.001
+    kl_max: float = field(default=10.0, metadata={
+        "help": "cap of the per-token k3 KL (verl clamps low_var_kl to [-10, 10]); 0: no cap"})
     adv_eps: float = 1e-6
     scale_adv_by_std: bool = True
     loss_agg: str = "token-mean"
     format_failure_reward: float = -1.0
+
+    def check(self):
+        super().check()
+        must(self.group_size >= 2, "group_size", "must be >= 2 (a group of one has no baseline: every advantage "
+             "would be 0)", self.group_size)
+        for name in ("prompts_per_step", "mini_batch_prompts", "micro_batch_rows", "ppo_epochs", "max_new_tokens",
+                     "max_prompt_tokens"):
+            must(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        must(self.prompts_per_step % self.mini_batch_prompts == 0, "prompts_per_step",
+             f"must be a multiple of --mini-batch-prompts ({self.mini_batch_prompts})", self.prompts_per_step)
+        for name in ("user_history", "item_history", "review_chars", "top_k"):
+            must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        must(self.temperature > 0, "temperature", "must be > 0 (rollouts sample)", self.temperature)
+        must(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        must(0 <= self.clip_low < 1, "clip_low", "must be in [0, 1)", self.clip_low)
+        must(self.clip_high >= 0, "clip_high", "must be >= 0", self.clip_high)
+        must(self.clip_ratio_c == 0 or self.clip_ratio_c > 1, "clip_ratio_c", "must be > 1, or 0 for no dual clip",
+             self.clip_ratio_c)
+        must(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
+        must(self.kl_max >= 0, "kl_max", "must be >= 0 (0: no cap)", self.kl_max)
+        must(self.adv_eps > 0, "adv_eps", "must be > 0", self.adv_eps)
+        one_of("loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean"))
+        one_of("old_logprobs", self.old_logprobs, ("recompute", "sampler"))
+        one_of("env", self.env, ("duet", "toy"))
+        one_of("format_reward", self.format_reward, ("constant", "graded"))
 
 
 PRESETS = {
@@ -84,11 +114,6 @@ PRESETS = {
 }
 
 
-def check_sizes(cfg: GRPOConfig):
-    if cfg.old_logprobs not in ("recompute", "sampler"):
-        raise ValueError("old_logprobs must be 'recompute' or 'sampler'")
-
-
 def make_env(cfg: GRPOConfig, models: L.Models, d: D.Dist):
     if cfg.env == "toy":
         from .envs import TokenShareEnv
@@ -103,8 +128,9 @@ def make_env(cfg: GRPOConfig, models: L.Models, d: D.Dist):
 
 
 def train(cfg: GRPOConfig, preset: str | None = None, env=None) -> dict:
+    cfg.check()
     d = D.setup(cfg.device or None)
-    check_sizes(cfg)
+    L.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks, before loading
     torch.manual_seed(cfg.seed)
     resume_from = L.resume_point(cfg)
     models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
@@ -151,53 +177,59 @@ def grpo_step(step, cfg: GRPOConfig, models: L.Models, env, optimizer, scheduler
     adv, adv_m = group_advantages(rewards, G, eps=cfg.adv_eps, scale_by_std=cfg.scale_adv_by_std)
     t2 = time.perf_counter()
 
-    # 5. old and reference log-probs, before any update
+    # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
+    V = tokenizer.vocab_size
     batch = make_batch(prompts, completions, tokenizer.pad_token_id, repeat=G).to(d.device)
     with torch.no_grad():
         if cfg.old_logprobs == "sampler":
             old = out.logprobs[:, :batch.completion_len].to(d.device)
         else:
-            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature)
-        ref = batched_logprobs(reference, batch, cfg.micro_batch_rows, cfg.temperature) if cfg.kl_coef else None
+            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V)
+        ref = batched_logprobs(reference, batch, cfg.micro_batch_rows, cfg.temperature, V) if cfg.kl_coef else None
 
-    # 6. PPO epochs over mini-batches; gradient accumulation over micro-batches
+    # 6. PPO epochs over mini-batches; gradient accumulation over micro-batches. Every micro-batch loss is over
+    # the mini-batch's GLOBAL token (or sequence) count, so the micro-batch losses of all ranks sum to the
+    # mini-batch loss: that sum is what is back-propagated, and what train/loss logs.
     policy.train()
     rows_per_mb = (cfg.mini_batch_prompts // d.world) * G
-    sums = {k: 0.0 for k in ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy")}
-    ratio_max, grad_norms, n_tok_local = 0.0, [], 0.0
+    sums = {k: 0.0 for k in ("pg_loss", "kl", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean",
+                             "entropy")}
+    ratio_max, grad_norms, n_tok_local, loss_sum, n_updates = 0.0, [], 0.0, 0.0, 0
     for _ in range(cfg.ppo_epochs):
         for s in range(0, batch.input_ids.shape[0], rows_per_mb):
-            mb = slice(s, s + rows_per_mb)
-            mb_tokens = D.all_sum(batch.mask[mb].sum(), d)  # the global token count of this mini-batch
+            mb_mask = batch.mask[s:s + rows_per_mb]
+            mb_tokens = D.all_sum(mb_mask.sum(), d)  # the global token count of this mini-batch
+            mb_seqs = D.all_sum((mb_mask.sum(1) > 0).sum().float(), d)  # and its global sequence count
             for m in range(s, min(s + rows_per_mb, batch.input_ids.shape[0]), cfg.micro_batch_rows):
                 mi = slice(m, min(m + cfg.micro_batch_rows, s + rows_per_mb))
                 mbatch = batch.rows(mi)
-                logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True)
+                logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V)
                 loss, lm = grpo_loss(logp, old[mi], None if ref is None else ref[mi], adv[mi].to(d.device),
                                      mbatch.mask, kl_coef=cfg.kl_coef, clip_low=cfg.clip_low,
-                                     clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg,
-                                     global_tokens=mb_tokens)
+                                     clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg, global_tokens=mb_tokens,
+                                     global_seqs=mb_seqs, clip_ratio_c=cfg.clip_ratio_c, max_kl=cfg.kl_max)
                 # FSDP averages gradients over ranks; the loss already sums over the global batch, so undo it
                 (loss * d.world).backward()
+                loss_sum += float(loss.detach())
                 ntok = float(mbatch.mask.sum())
                 n_tok_local += ntok
-                for k in sums:
-                    if k == "entropy":
-                        sums[k] += float((ent * mbatch.mask).sum())
-                    elif k in lm:
-                        sums[k] += float(lm[k]) * ntok
+                sums["entropy"] += float((ent * mbatch.mask).sum())
+                for k in sums.keys() & lm.keys():
+                    sums[k] += float(lm[k]) * ntok
                 ratio_max = max(ratio_max, float(lm["ratio_max"]))
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            n_updates += 1
     t3 = time.perf_counter()
 
     # metrics: token-weighted over all ranks; rewards over the whole global batch
-    tot = D.all_sum(torch.tensor([n_tok_local] + list(sums.values()), dtype=torch.float64), d)
+    tot = D.all_sum(torch.tensor([n_tok_local, loss_sum] + list(sums.values()), dtype=torch.float64), d)
     n_tok = max(1.0, float(tot[0]))
-    metrics = {k: float(v) / n_tok for k, v in zip(sums, tot[1:])}
+    metrics = {k: float(v) / n_tok for k, v in zip(sums, tot[2:])}
+    metrics["loss"] = float(tot[1]) / n_updates  # the back-propagated mini-batch loss, mean over the updates
     r_all = D.all_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), failed.float().sum(), len(rewards),
                                     float(out.lengths.float().sum()), adv_m["zero_std_frac"] * len(prompts)],
                                    dtype=torch.float64), d).tolist()

@@ -13,7 +13,7 @@ from model import load_model, load_tokenizer
 
 from . import checkpoints as C
 from . import distributed as D
-from .config import save_config
+from .config import ConfigError, must, one_of, save_config
 from .optim import make_optimizer, make_scheduler
 from .tracking import Tracker
 
@@ -39,6 +39,19 @@ class RunConfig:
     activation_checkpointing: bool = False
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
 
+    def check(self):
+        """The flags every trainer shares, each in its range (rl/config.py reports a failure as exit 2)."""
+        must(self.lr > 0, "lr", "must be > 0", self.lr)
+        must(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        must(self.grad_clip > 0, "grad_clip", "must be > 0", self.grad_clip)
+        one_of("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        for name in ("warmup_steps", "max_steps", "save_every", "stop_after", "val_every", "val_examples",
+                     "log_text_every"):
+            must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        must(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+        must(self.device in ("", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "must be cpu, cuda, cuda:N or empty", self.device)
+
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -62,8 +75,9 @@ def rank_share(n_global: int, mini: int, d: D.Dist) -> list[int]:
     """Positions in the global batch that this rank handles: its slice of every mini-batch, so that a global
     mini-batch is the same set of examples whatever the number of ranks."""
     if n_global % mini or mini % d.world:
-        raise ValueError(f"batch {n_global} must be a multiple of the mini-batch {mini}, "
-                         f"itself a multiple of the world size {d.world}")
+        raise ConfigError(f"the batch ({n_global}) must be a multiple of the mini-batch ({mini}), itself a multiple "
+                          f"of the number of ranks ({d.world}): check --prompts-per-step / --mini-batch-prompts "
+                          f"(GRPO) or --pairs-per-step (DPO) against --nproc_per_node")
     per = mini // d.world
     return [mb + d.rank * per + i for mb in range(0, n_global, mini) for i in range(per)]
 

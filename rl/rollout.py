@@ -58,14 +58,18 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     return Batch(ids, attn, ids[:, P:].clone(), mask)
 
 
-def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
+def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
+                        vocab_limit: int | None = None):
     """log p(completion token) under softmax(logits / T) in fp32, (R, L); optionally the entropy (R, L).
 
     The logits at column t predict the token at t + 1, so the L completion tokens (columns P .. P+L-1) are scored
     by the logits at columns P-1 .. P+L-2: we keep the last L + 1 logit columns and drop the final one.
+    vocab_limit: the softmax runs over ids below it only, as the sampler's does (pass the tokenizer's size: Qwen's
+    embedding table is larger), so old log-probs from the sampler and recomputed ones share one distribution.
     """
     L = batch.completion_len
     logits = model(batch.input_ids, attention_mask=batch.attention_mask, num_logits_to_keep=L + 1)[:, :-1]  # (R, L, V)
+    logits = logits[..., :vocab_limit]  # (R, L, V') never an id the tokenizer cannot produce
     logp = token_logprobs(logits, batch.completion, temperature)  # (R, L) fp32
     ent = None
     if with_entropy:
@@ -75,10 +79,11 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entr
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: Batch, micro_rows: int, temperature: float = 1.0) -> torch.Tensor:
+def batched_logprobs(model, batch: Batch, micro_rows: int, temperature: float = 1.0,
+                     vocab_limit: int | None = None) -> torch.Tensor:
     """completion_logprobs without gradient, in micro-batches of rows. (R, L)"""
     out = []
     for s in range(0, batch.input_ids.shape[0], micro_rows):
-        lp, _ = completion_logprobs(model, batch.rows(slice(s, s + micro_rows)), temperature)
+        lp, _ = completion_logprobs(model, batch.rows(slice(s, s + micro_rows)), temperature, vocab_limit=vocab_limit)
         out.append(lp)
     return torch.cat(out, dim=0)
