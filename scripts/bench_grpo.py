@@ -92,6 +92,8 @@ def summary(times: list[float], phases: dict[str, list[float]]) -> dict:
 class FixedPromptEnv:
     """The environment interface of rl/envs.py over fixed token prompts, with the token-share reward."""
 
+    stop_texts = ()  # rollouts end at EOS only (held back here until --new-tokens), as on TRL's side
+
     def __init__(self, prompts: list[list[int]], target: int):
         from rl.envs import Episode
 
