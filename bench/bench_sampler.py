@@ -1,6 +1,6 @@
 """Our sampler against transformers' generate, same model, same prompts, same number of new tokens.
 
-    python scripts/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2] [--compile]
+    python bench/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2] [--compile]
 
 (a) batch 16 chat prompts of different lengths, 128 new tokens forced (EOS held back on both sides), greedy;
 (b) 4 prompts of about 500 tokens x 8 samples, 128 new tokens forced, temperature 1.0 (no top-k / top-p on
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import torch  # noqa: E402
 

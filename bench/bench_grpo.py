@@ -1,6 +1,6 @@
 """Benchmark: one GRPO optimizer step, ours (rl/grpo_trainer.py) against TRL's GRPOTrainer, same model and sizes.
 
-    python scripts/bench_grpo.py [--steps 2] [--threads 2] [--old-logprobs sampler|recompute]
+    python bench/bench_grpo.py [--steps 2] [--threads 2] [--old-logprobs sampler|recompute]
 
 The step: SmolLM2-135M-Instruct in float32 on CPU, 4 chat prompts of about 500 tokens, G = 4 samples each at
 temperature 1.0, exactly 128 new tokens per sample (EOS held back until then on both sides), rewards from the same
@@ -40,9 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from bench_side import run_side  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from bench.bench_side import run_side  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 N_PROMPTS, PROMPT_TOKENS, G, NEW_TOKENS, MICRO_ROWS, KL = 4, 500, 4, 128, 4, 0.001

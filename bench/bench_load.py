@@ -1,6 +1,6 @@
 """Peak memory of loading a checkpoint: our loader against transformers' from_pretrained, same model, same run.
 
-    python scripts/bench_load.py [--model smollm2-135m-instruct]
+    python bench/bench_load.py [--model smollm2-135m-instruct]
 
 Each side runs in its own fresh process; the figure is the growth of peak RSS (ru_maxrss) during the load (every
 weight read once, since safetensors pages lazily), after torch and transformers are imported, compared with the
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 
 def rss_mb() -> float:

@@ -1,6 +1,6 @@
 """Benchmark: one DPO optimizer step, ours (rl/dpo_trainer.py) against TRL's DPOTrainer, same model and sizes.
 
-    python scripts/bench_dpo.py [--steps 2] [--threads 2]
+    python bench/bench_dpo.py [--steps 2] [--threads 2]
 
 The step: SmolLM2-135M-Instruct in float32 on CPU, 16 preference pairs, each a chat prompt of about 450 tokens with
 a chosen and a rejected profile of about 100 tokens (EOS included), sigmoid DPO loss with beta 0.1, one optimizer
@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from bench_side import run_side  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from bench.bench_side import run_side  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PAIRS, PROMPT_TOKENS, PROFILE_TOKENS, MICRO_PAIRS, BETA = 16, 450, 100, 2, 0.1
