@@ -27,7 +27,7 @@ class Linear(nn.Linear):
 
     A decode step multiplies one new token per row, x (B, 1, in), by every weight W (out, in). MKL's sgemm runs
     y^T = W @ x^T (a tall, thin product) 1.2-2x faster than y = x @ W^T for B <= 128 on our 2-core machine (the
-    lm_head of SmolLM2 at B = 16: 16 ms against 23 ms; scripts/bench_sampler.py). The two differ only in float
+    lm_head of SmolLM2 at B = 16: 16 ms against 23 ms; bench/bench_sampler.py). The two differ only in float
     rounding. MKL picks another kernel below 16 columns, which rounds differently, so fewer rows are padded to
     16: a row's result then never depends on how many rows share the batch (one process and two FSDP ranks
     sample the same tokens). Training (grad enabled), prefill (T > 1) and CUDA keep F.linear.

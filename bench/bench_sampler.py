@@ -1,10 +1,10 @@
 """Our sampler against transformers' generate, same model, same prompts, same number of new tokens.
 
-    python scripts/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2] [--compile]
+    python bench/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2] [--compile]
 
 (a) batch 16 chat prompts of different lengths, 128 new tokens forced (EOS held back on both sides), greedy;
-(b) 4 prompts of about 500 tokens x 8 samples, 128 new tokens forced, temperature 1.0 (no top-k / top-p on
-    either side): our group sampling (one prefill per prompt) against num_return_sequences=8.
+(b) 4 prompts of about 500 tokens (--prompt-tokens) x 8 samples, 128 new tokens forced, temperature 1.0 (no top-k /
+    top-p on either side): our group sampling (one prefill per prompt) against num_return_sequences=8.
 Each side is warmed up, runs alternate (ours, theirs, ours, ...) and the best of --repeats counts, since other
 jobs share the machine. The roofline: a decode step reads every weight once, so tokens/s <= rows x memory
 bandwidth / weight bytes; the bandwidth is measured here (sum over a 512 MiB tensor). The last line is JSON.
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import torch  # noqa: E402
 
@@ -69,6 +69,9 @@ def long_prompts(tok, n: int, target: int) -> list[list[int]]:
         head = "Here are reviews written by one user. Write a short profile of the user's musical taste.\n\n"
         overhead = len(tok.encode_chat([{"role": "user", "content": head}]))
         size = target + 8 * (b - n // 2) - overhead  # lengths differ a little: left padding is exercised
+        if size < 1:  # body[:size] would then keep nearly all of it
+            raise SystemExit(f"--prompt-tokens {target} is too short: the chat template and instruction alone take "
+                             f"{overhead} tokens")
         content = head + tok.decode(body[:size])
         out.append(tok.encode_chat([{"role": "user", "content": content}]))
     return out
@@ -116,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side (best counts)")
     ap.add_argument("--repeats-b", type=int, default=1, help="timed runs per side for case (b), which is long")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=500, help="case (b): about this many tokens per prompt")
     ap.add_argument("--cases", default="ab", help="which cases to run: a, b or ab")
     ap.add_argument("--compile", action="store_true", help="our side: torch.compile(model, dynamic=True)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -160,7 +164,7 @@ def case_a(model, tok, hf, bw, weight_bytes, args):
 def case_b(model, tok, hf, bw, weight_bytes, args):
     """(b) 4 long prompts x 8 samples at temperature 1.0"""
     pad, V, new = tok.pad_token_id, tok.vocab_size, args.new_tokens
-    long = long_prompts(tok, 4, 500)
+    long = long_prompts(tok, 4, args.prompt_tokens)
     rows = 4 * 8
     b, o, h = compare("(b) 4x500 tokens x 8 samples", lambda k: generate(
         model, long, k, temperature=1.0, n=8, eos_ids=tok.eos_ids, pad_id=pad, vocab_limit=V, min_new_tokens=k,

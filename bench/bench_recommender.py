@@ -8,7 +8,7 @@ interleaved with ours (one run, alternating, so that the load of the machine hit
 the prompts' shared prefix (chat header and instruction) once per call (eval/recommender.py); its time without
 that is printed too (ours_no_prefix_ex_per_s), so the two sources of the ratio can be told apart.
 
-    python scripts/bench_recommender.py --model smollm2-135m-instruct --data out/data/synthetic --n 48
+    python bench/bench_recommender.py --model smollm2-135m-instruct --data out/data/synthetic --n 48
 Last line: JSON {"ours_ex_per_s", "hf_ex_per_s", "ratio", "batch_size", ...}.
 """
 import argparse
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import torch  # noqa: E402
 

@@ -2,9 +2,22 @@
 so that each side's peak memory and imports are its own."""
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of an importable `package`, None when it cannot be imported (TRL is optional:
+    requirements-bench.txt). Asked without importing it."""
+    if importlib.util.find_spec(package) is None:
+        return None
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
 
 
 def run_side(script: str, side: str, args: list[str]) -> dict:

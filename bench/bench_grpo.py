@@ -1,6 +1,6 @@
 """Benchmark: one GRPO optimizer step, ours (rl/grpo_trainer.py) against TRL's GRPOTrainer, same model and sizes.
 
-    python scripts/bench_grpo.py [--steps 2] [--threads 2] [--old-logprobs sampler|recompute]
+    python bench/bench_grpo.py [--steps 2] [--threads 2] [--old-logprobs sampler|recompute]
 
 The step: SmolLM2-135M-Instruct in float32 on CPU, 4 chat prompts of about 500 tokens, G = 4 samples each at
 temperature 1.0, exactly 128 new tokens per sample (EOS held back until then on both sides), rewards from the same
@@ -29,6 +29,9 @@ advantages and the reference forward), update (the rest of the step: forward/bac
 reference forward is in TRL's scoring phase and in our update phase: compare the totals.
 
 The last line of output is one JSON object with the figures; "ratio" = TRL seconds per step / ours (target >= 2).
+"trl" is TRL's version, or "not installed": then only our side runs, and TRL's figures, "ratio" and "ok" are null.
+--model, --prompts, --prompt-tokens and --new-tokens shrink the run (the smoke test: a tiny model, a few tokens);
+their defaults are the sizes above.
 """
 from __future__ import annotations
 
@@ -40,9 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from bench_side import run_side  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from bench.bench_side import installed_version, run_side  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 N_PROMPTS, PROMPT_TOKENS, G, NEW_TOKENS, MICRO_ROWS, KL = 4, 500, 4, 128, 4, 0.001
@@ -92,6 +95,8 @@ def summary(times: list[float], phases: dict[str, list[float]]) -> dict:
 class FixedPromptEnv:
     """The environment interface of rl/envs.py over fixed token prompts, with the token-share reward."""
 
+    stop_texts = ()  # rollouts end at EOS only (held back here until --new-tokens), as on TRL's side
+
     def __init__(self, prompts: list[list[int]], target: int):
         from rl.envs import Episode
 
@@ -128,12 +133,12 @@ def run_ours(a) -> dict:
 
     torch.manual_seed(0)
     d = D.setup("cpu")
-    models = build_models(MODEL, "reference", None, False, d)
+    models = build_models(a.model, "reference", None, False, d)
     tok = models.tokenizer
-    prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens)]
+    prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens, a.prompts)]
     env = FixedPromptEnv(prompts, target_token(tok))
-    cfg = GT.GRPOConfig(model=MODEL, env="bench", prompts_per_step=N_PROMPTS, group_size=G, temperature=1.0,
-                        max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=N_PROMPTS,
+    cfg = GT.GRPOConfig(model=a.model, env="bench", prompts_per_step=a.prompts, group_size=G, temperature=1.0,
+                        max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=a.prompts,
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
                         max_steps=a.steps + 1, device="cpu")
     # exactly --new-tokens tokens per row, as TRL's min_new_tokens: EOS is held back until the last one
@@ -175,10 +180,10 @@ def run_trl(a) -> dict:
     from model import load_tokenizer, resolve_model
 
     torch.manual_seed(0)
-    path = str(resolve_model(MODEL))
-    tok = load_tokenizer(MODEL)
+    path = str(resolve_model(a.model))
+    tok = load_tokenizer(a.model)
     target = target_token(tok)
-    messages = prompt_messages(tok, a.prompt_tokens)
+    messages = prompt_messages(tok, a.prompt_tokens, a.prompts)
     dataset = Dataset.from_list([{"prompt": m} for m in messages])
 
     def reward_token_share(prompts, completions, completion_ids, **kw):
@@ -223,7 +228,7 @@ def run_trl(a) -> dict:
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), use_cpu=True, bf16=False, fp16=False,
         model_init_kwargs={"dtype": torch.float32}, num_generations=G, per_device_train_batch_size=MICRO_ROWS,
-        gradient_accumulation_steps=N_PROMPTS * G // MICRO_ROWS, max_completion_length=a.new_tokens,
+        gradient_accumulation_steps=a.prompts * G // MICRO_ROWS, max_completion_length=a.new_tokens,
         generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=1.0, top_p=1.0, top_k=0, beta=KL,
         num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=1e-6,
         weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, use_vllm=False,
@@ -244,7 +249,8 @@ def run_trl(a) -> dict:
 def child(side: str, a) -> dict:
     return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads),
                                      "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens),
-                                     "--new-tokens", str(a.new_tokens)])
+                                     "--new-tokens", str(a.new_tokens), "--model", a.model,
+                                     "--prompts", str(a.prompts)])
 
 
 def main():
@@ -255,8 +261,13 @@ def main():
                    help="ours: old log-probs from the sampler (no extra forward, as TRL here) or recomputed")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 500)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per sample (the issue's: 128)")
+    p.add_argument("--model", default=MODEL, help="model name or HF directory (both sides)")
+    p.add_argument("--prompts", type=int, default=N_PROMPTS,
+                   help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (the issue's: 4)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     a = p.parse_args()
+    if a.prompts * G % MICRO_ROWS:
+        p.error(f"--prompts x {G} samples must be a multiple of the {MICRO_ROWS}-row micro-batch")
     if a.side:
         import torch
 
@@ -265,19 +276,29 @@ def main():
         print(json.dumps(res))
         return
     t0 = time.perf_counter()
-    trl, ours = child("trl", a), child("ours", a)  # TRL first: a failure in it shows early
-    ratio = trl["s_per_step"] / ours["s_per_step"]
+    trl_version = installed_version("trl")
+    trl = child("trl", a) if trl_version else None  # TRL first: a failure in it shows early
+    ours = child("ours", a)
     print(f"ours {ours['s_per_step']:.2f} s/step {ours['phases']}, peak RSS {ours['peak_rss_mb']:.0f} MiB")
-    print(f"trl  {trl['s_per_step']:.2f} s/step {trl['phases']}, peak RSS {trl['peak_rss_mb']:.0f} MiB")
-    print(f"ratio trl/ours {ratio:.2f} (target >= 2), wall {time.perf_counter() - t0:.0f} s")
-    print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": trl["s_per_step"],
-                      "ratio": round(ratio, 3), "target_ratio": 2.0, "ok": ratio >= 2.0,
-                      "ours_phases": ours["phases"], "trl_phases": trl["phases"],
-                      "ours_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": trl["peak_rss_mb"],
-                      "ours_steps_s": ours["steps_s"], "trl_steps_s": trl["steps_s"],
-                      "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": trl["prompt_tokens"],
-                      "response_length": ours["response_length"], "trl_response_length": trl["response_length"],
-                      "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads}))
+    if trl:
+        ratio = trl["s_per_step"] / ours["s_per_step"]
+        print(f"trl  {trl['s_per_step']:.2f} s/step {trl['phases']}, peak RSS {trl['peak_rss_mb']:.0f} MiB")
+        print(f"ratio trl/ours {ratio:.2f} (target >= 2), wall {time.perf_counter() - t0:.0f} s")
+    else:
+        ratio = None
+        print(f"trl  not installed (pip install -r requirements-bench.txt): our side only, wall "
+              f"{time.perf_counter() - t0:.0f} s")
+    t = (lambda k: trl[k]) if trl else (lambda k: None)  # noqa: E731  TRL's figure, or null without TRL
+    print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": t("s_per_step"),
+                      "ratio": None if ratio is None else round(ratio, 3), "target_ratio": 2.0,
+                      "ok": None if ratio is None else ratio >= 2.0, "trl": trl_version or "not installed",
+                      "ours_phases": ours["phases"], "trl_phases": t("phases"),
+                      "ours_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": t("peak_rss_mb"),
+                      "ours_steps_s": ours["steps_s"], "trl_steps_s": t("steps_s"),
+                      "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": t("prompt_tokens"),
+                      "response_length": ours["response_length"], "trl_response_length": t("response_length"),
+                      "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads,
+                      "model": a.model, "prompts": a.prompts}))
 
 
 if __name__ == "__main__":

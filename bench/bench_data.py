@@ -1,6 +1,6 @@
 """Benchmark: one million synthetic reviews in the Amazon 2014 format, end to end through the pipeline.
 
-    python scripts/bench_data.py [--reviews 1000000]
+    python bench/bench_data.py [--reviews 1000000]
 
 Generation runs in a child process (timed apart); the processing (read, filter, k-core, split, write)
 runs in this process, so its peak RSS (ru_maxrss) is the pipeline's own. Target: <= 90 s, <= 2 GB.
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from data.process import prepare  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Peak memory of loading a checkpoint: our loader against transformers' from_pretrained, same model, same run.
 
-    python scripts/bench_load.py [--model smollm2-135m-instruct]
+    python bench/bench_load.py [--model smollm2-135m-instruct]
 
 Each side runs in its own fresh process; the figure is the growth of peak RSS (ru_maxrss) during the load (every
 weight read once, since safetensors pages lazily), after torch and transformers are imported, compared with the
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 
 def rss_mb() -> float:
@@ -65,11 +65,12 @@ def main():
         print(f"{side:>12}: peak RSS growth {r['peak_growth_mb']:.0f} MiB for {r['weights_mb']:.0f} MiB of weights "
               f"({r['peak_growth_mb'] / r['weights_mb']:.2f} copies), {r['seconds']:.2f} s")
     o, t = res["ours"], res["transformers"]
+    ratio = t["peak_growth_mb"] / o["peak_growth_mb"] if o["peak_growth_mb"] else None  # a tiny model may add none
     print(json.dumps({"model": a.model, "weights_mb": round(o["weights_mb"], 1),
                       "ours_peak_mb": round(o["peak_growth_mb"], 1), "transformers_peak_mb": round(t["peak_growth_mb"], 1),
                       "ours_copies": round(o["peak_growth_mb"] / o["weights_mb"], 3),
                       "transformers_copies": round(t["peak_growth_mb"] / t["weights_mb"], 3),
-                      "ratio": round(t["peak_growth_mb"] / o["peak_growth_mb"], 3),
+                      "ratio": None if ratio is None else round(ratio, 3),
                       "ours_s": round(o["seconds"], 2), "transformers_s": round(t["seconds"], 2)}))
 
 

@@ -1,6 +1,6 @@
 """Benchmark: one DPO optimizer step, ours (rl/dpo_trainer.py) against TRL's DPOTrainer, same model and sizes.
 
-    python scripts/bench_dpo.py [--steps 2] [--threads 2]
+    python bench/bench_dpo.py [--steps 2] [--threads 2]
 
 The step: SmolLM2-135M-Instruct in float32 on CPU, 16 preference pairs, each a chat prompt of about 450 tokens with
 a chosen and a rejected profile of about 100 tokens (EOS included), sigmoid DPO loss with beta 0.1, one optimizer
@@ -20,6 +20,9 @@ Matching the two sides
   peak RSS (ru_maxrss) of one does not include the other. Steps: one warm-up step, then --steps timed steps.
 
 The last line of output is one JSON object with the figures; "ratio" = TRL seconds per step / ours (target >= 1.5).
+"trl" is TRL's version, or "not installed": then only our side runs, and TRL's figures, "ratio" and "ok" are null.
+--model, --pairs, --prompt-tokens and --profile-tokens shrink the run (the smoke test: a tiny model, a few tokens);
+their defaults are the sizes above.
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from bench_side import run_side  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from bench.bench_side import installed_version, run_side  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PAIRS, PROMPT_TOKENS, PROFILE_TOKENS, MICRO_PAIRS, BETA = 16, 450, 100, 2, 0.1
@@ -93,15 +96,15 @@ def run_ours(a) -> dict:
 
     torch.manual_seed(0)
     d = D.setup("cpu")
-    models = build_models(MODEL, "reference", None, False, d)
+    models = build_models(a.model, "reference", None, False, d)
     tok = models.tokenizer
-    pairs = make_pairs(tok, a.prompt_tokens, a.profile_tokens)
+    pairs = make_pairs(tok, a.prompt_tokens, a.profile_tokens, a.pairs)
     eos = tok.eos_token_id
     # (prompt, chosen, rejected) ids, as rl.dpo_trainer.encode_pairs lays them out: each profile ends with EOS
     encoded = [(tok.encode(p["prompt"], add_special_tokens=False),
                 tok.encode(p["chosen"], add_special_tokens=False) + [eos],
                 tok.encode(p["rejected"], add_special_tokens=False) + [eos]) for p in pairs]
-    cfg = DPOConfig(model=MODEL, pairs_per_step=PAIRS, micro_batch_pairs=MICRO_PAIRS, beta=BETA, lr=5e-6,
+    cfg = DPOConfig(model=a.model, pairs_per_step=a.pairs, micro_batch_pairs=MICRO_PAIRS, beta=BETA, lr=5e-6,
                     max_steps=a.steps + 1, log_text_every=0, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -138,8 +141,8 @@ def run_trl(a) -> dict:
     from model import load_tokenizer, resolve_model
 
     torch.manual_seed(0)
-    path = str(resolve_model(MODEL))
-    pairs = make_pairs(load_tokenizer(MODEL), a.prompt_tokens, a.profile_tokens)
+    path = str(resolve_model(a.model))
+    pairs = make_pairs(load_tokenizer(a.model), a.prompt_tokens, a.profile_tokens, a.pairs)
     times = []
 
     class StepTimer(TrainerCallback):
@@ -157,7 +160,7 @@ def run_trl(a) -> dict:
     os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(out_dir, "datasets"))
     args = DPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, model_init_kwargs={"dtype": torch.float32},
-        per_device_train_batch_size=MICRO_PAIRS, gradient_accumulation_steps=PAIRS // MICRO_PAIRS,
+        per_device_train_batch_size=MICRO_PAIRS, gradient_accumulation_steps=a.pairs // MICRO_PAIRS,
         precompute_ref_log_probs=True, precompute_ref_batch_size=MICRO_PAIRS, max_length=None, beta=BETA,
         loss_type=["sigmoid"], learning_rate=5e-6, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, max_steps=a.steps + 1, report_to="none", logging_strategy="no", save_strategy="no",
@@ -177,7 +180,8 @@ def run_trl(a) -> dict:
 # ---- driver -----------------------------------------------------------------------------------------------------
 def child(side: str, a) -> dict:
     return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads),
-                                     "--prompt-tokens", str(a.prompt_tokens), "--profile-tokens", str(a.profile_tokens)])
+                                     "--prompt-tokens", str(a.prompt_tokens), "--profile-tokens", str(a.profile_tokens),
+                                     "--model", a.model, "--pairs", str(a.pairs)])
 
 
 def main():
@@ -186,8 +190,13 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 450)")
     p.add_argument("--profile-tokens", type=int, default=PROFILE_TOKENS, help="profile length (the issue's: 100)")
+    p.add_argument("--model", default=MODEL, help="model name or HF directory (both sides)")
+    p.add_argument("--pairs", type=int, default=PAIRS,
+                   help=f"preference pairs per optimizer step, a multiple of {MICRO_PAIRS} (the issue's: 16)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     a = p.parse_args()
+    if a.pairs < MICRO_PAIRS or a.pairs % MICRO_PAIRS:
+        p.error(f"--pairs must be a multiple of the {MICRO_PAIRS}-pair micro-batch")
     if a.side:
         import torch
 
@@ -196,21 +205,30 @@ def main():
         print(json.dumps(res))
         return
     t0 = time.perf_counter()
-    trl, ours = child("trl", a), child("ours", a)  # TRL first: a failure in it shows early
-    ratio = trl["s_per_step"] / ours["s_per_step"]
+    trl_version = installed_version("trl")
+    trl = child("trl", a) if trl_version else None  # TRL first: a failure in it shows early
+    ours = child("ours", a)
     print(f"ours {ours['s_per_step']:.2f} s/step, peak RSS {ours['peak_rss_mb']:.0f} MiB, tokens "
           f"{ours['prompt_tokens']} + {ours['chosen_tokens']} / {ours['rejected_tokens']}")
-    print(f"trl  {trl['s_per_step']:.2f} s/step, peak RSS {trl['peak_rss_mb']:.0f} MiB, tokens "
-          f"{trl['prompt_tokens']} + {trl['chosen_tokens']} / {trl['rejected_tokens']}")
-    print(f"ratio trl/ours {ratio:.2f} (target >= 1.5), wall {time.perf_counter() - t0:.0f} s")
-    print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": trl["s_per_step"],
-                      "ratio": round(ratio, 3), "target_ratio": 1.5, "ok": ratio >= 1.5,
-                      "ours_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": trl["peak_rss_mb"],
-                      "ours_steps_s": ours["steps_s"], "trl_steps_s": trl["steps_s"],
+    if trl:
+        ratio = trl["s_per_step"] / ours["s_per_step"]
+        print(f"trl  {trl['s_per_step']:.2f} s/step, peak RSS {trl['peak_rss_mb']:.0f} MiB, tokens "
+              f"{trl['prompt_tokens']} + {trl['chosen_tokens']} / {trl['rejected_tokens']}")
+        print(f"ratio trl/ours {ratio:.2f} (target >= 1.5), wall {time.perf_counter() - t0:.0f} s")
+    else:
+        ratio = None
+        print(f"trl  not installed (pip install -r requirements-bench.txt): our side only, wall "
+              f"{time.perf_counter() - t0:.0f} s")
+    t = (lambda k: trl[k]) if trl else (lambda k: None)  # noqa: E731  TRL's figure, or null without TRL
+    print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": t("s_per_step"),
+                      "ratio": None if ratio is None else round(ratio, 3), "target_ratio": 1.5,
+                      "ok": None if ratio is None else ratio >= 1.5, "trl": trl_version or "not installed",
+                      "ours_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": t("peak_rss_mb"),
+                      "ours_steps_s": ours["steps_s"], "trl_steps_s": t("steps_s"),
                       "tokens_ours": [ours["prompt_tokens"], ours["chosen_tokens"], ours["rejected_tokens"]],
-                      "tokens_trl": [trl["prompt_tokens"], trl["chosen_tokens"], trl["rejected_tokens"]],
-                      "reference_in_step": False, "pairs": PAIRS, "micro_batch_pairs": MICRO_PAIRS,
-                      "steps": a.steps, "threads": a.threads}))
+                      "tokens_trl": trl and [trl["prompt_tokens"], trl["chosen_tokens"], trl["rejected_tokens"]],
+                      "reference_in_step": False, "pairs": a.pairs, "micro_batch_pairs": MICRO_PAIRS,
+                      "steps": a.steps, "threads": a.threads, "model": a.model}))
 
 
 if __name__ == "__main__":
