@@ -46,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from bench.bench_side import installed_version, run_side  # noqa: E402
+from rl.envs import token_share  # noqa: E402  (the toy reward, the same on both sides)
 
 MODEL = "smollm2-135m-instruct"
 N_PROMPTS, PROMPT_TOKENS, G, NEW_TOKENS, MICRO_ROWS, KL = 4, 500, 4, 128, 4, 0.001
@@ -75,12 +76,6 @@ def target_token(tokenizer) -> int:
     return int(tokenizer.encode(" the", add_special_tokens=False)[0])
 
 
-def token_share(ids, target: int) -> float:
-    """The toy reward: the share of `target` among the completion's tokens (cheap, deterministic)."""
-    ids = list(ids)
-    return sum(int(t) == target for t in ids) / max(1, len(ids))
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -92,31 +87,14 @@ def summary(times: list[float], phases: dict[str, list[float]]) -> dict:
 
 
 # ---- ours -------------------------------------------------------------------------------------------------------
-class FixedPromptEnv:
-    """The environment interface of rl/envs.py over fixed token prompts, with the token-share reward."""
+def fixed_prompt_env(prompts: list[list[int]], target: int, tokenizer):
+    """rl/envs.py's token-share environment over the benchmark's fixed chat prompts. Its rollouts end at EOS only
+    (held back here until --new-tokens), as on TRL's side."""
+    from rl.envs import TokenShareEnv
 
-    stop_texts = ()  # rollouts end at EOS only (held back here until --new-tokens), as on TRL's side
-
-    def __init__(self, prompts: list[list[int]], target: int):
-        from rl.envs import Episode
-
-        self.episodes = [Episode(p, {"index": i}) for i, p in enumerate(prompts)]
-        self.target = target
-
-    def num_prompts(self) -> int:
-        return len(self.episodes)
-
-    def episode(self, index: int):
-        return self.episodes[index]
-
-    def score(self, episodes, completions, texts, d=None):
-        import torch
-
-        rewards = torch.tensor([token_share(c, self.target) for c in completions], dtype=torch.float32)
-        return rewards, torch.zeros(len(completions), dtype=torch.bool), {}
-
-    def validate(self, policy, tokenizer, d=None) -> dict:
-        return {}
+    env = TokenShareEnv(tokenizer, target, n_prompts=0)
+    env.prompts = prompts
+    return env
 
 
 def run_ours(a) -> dict:
@@ -127,7 +105,7 @@ def run_ours(a) -> dict:
     import model.sampler as S
     import rl.grpo_trainer as GT
     from rl import distributed as D
-    from rl.loop import build_models
+    from rl.loop import Run, build_models
     from rl.optim import make_optimizer, make_scheduler
     from rl.tracking import Tracker
 
@@ -136,7 +114,7 @@ def run_ours(a) -> dict:
     models = build_models(a.model, "reference", None, False, d)
     tok = models.tokenizer
     prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens, a.prompts)]
-    env = FixedPromptEnv(prompts, target_token(tok))
+    env = fixed_prompt_env(prompts, target_token(tok), tok)
     cfg = GT.GRPOConfig(model=a.model, env="bench", prompts_per_step=a.prompts, group_size=G, temperature=1.0,
                         max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=a.prompts,
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
@@ -148,11 +126,11 @@ def run_ours(a) -> dict:
     GT.generate = generate_full_length
     optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, 0, cfg.max_steps, "constant")
-    tracker = Tracker(tempfile.gettempdir(), enabled=False)
+    run = Run(optimizer, scheduler, Tracker(tempfile.gettempdir(), enabled=False), 0, cfg.max_steps)
     times, phases = [], {"rollout": [], "scoring": [], "update": []}
     for step in range(a.steps + 1):
         t0 = time.perf_counter()
-        m = GT.grpo_step(step, cfg, models, env, optimizer, scheduler, d, tracker)
+        m = GT.grpo_step(step, cfg, models, env, run, d)
         dt = time.perf_counter() - t0
         print(f"ours step {step}{' (warm-up)' if step == 0 else ''}: {dt:.2f} s, rollout {m['time_rollout']:.2f} "
               f"scoring {m['time_scoring']:.2f} update {m['time_update']:.2f}, response length "
@@ -187,7 +165,7 @@ def run_trl(a) -> dict:
     dataset = Dataset.from_list([{"prompt": m} for m in messages])
 
     def reward_token_share(prompts, completions, completion_ids, **kw):
-        return [token_share(c, target) for c in completion_ids]
+        return [token_share([int(t) for t in c], target) for c in completion_ids]  # rl/envs.py's reward
 
     phases = {"rollout": 0.0, "scoring": 0.0}
 

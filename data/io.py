@@ -135,9 +135,18 @@ def atomic_dir(out, overwrite=False):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path, text):
+def write_text_atomic(path, text: str):
+    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader sees
+    the old file or the new one, never half of one. The one file writer of the project's outputs."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,6 +1,6 @@
 """The evaluation pipeline: examples -> profiles -> frozen recommender -> metrics (paper Table 1 layout).
 
-Used by scripts/evaluate.py and by the trainers' validation:
+Used by scripts/evaluate.py; the profiles are written and scored by eval/profiles.py, as in training:
 
     examples = build_examples(ds, "valid", limit=200)
     metrics, preds = evaluate_method("duet", examples, ds, recommender=rec, generator=policy, gen_tok=tok)
@@ -24,11 +24,13 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from data import prompts as P
 from data.history import HistoryIndex
+from data.prompts import cut_after
 from eval.metrics import ranking_metrics, rating_metrics
-from eval.profiles import ProfileCache, cached_generate, render_generation_prompt
-from eval.recommender import RecExample, Recommender
+from eval.profile_cache import ProfileCache, prompt_key
+from eval.profiles import (RECENT, HistoryOptions, encode_prompt, parse_profile, profile_messages, profile_metrics,
+                           rec_example, style_prefix, style_stop_texts, write_profiles)
+from eval.recommender import Recommender
 
 CLASSIC = ("global-mean", "user-mean", "item-mean", "mf")
 LLM_METHODS = ("10h", "kar", "palr", "rlmrec", "lg", "lg-rating", "duet", "oracle")
@@ -99,55 +101,46 @@ def classic_predictions(method: str, ds, examples) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ profiles
-def profile_prompt(method: str, ex: EvalExample, hist: HistoryIndex, profile_history: int = 30,
-                   item_history: int = 10, review_chars: int = 200) -> list[dict]:
-    """The generator's chat messages for one example (data/prompts.py), from data strictly before the target."""
-    uh = hist.user_history(ex.user_id, ex.timestamp, profile_history, review_chars)
-    if method == "duet":
-        ih = hist.item_history(ex.item_id, ex.timestamp, item_history, exclude_user=ex.user_id,
-                               review_chars=review_chars)
-        return P.duet_messages(uh, ih, hist.user_average(ex.user_id, ex.timestamp),
-                               hist.item_average(ex.item_id, ex.timestamp), ex.item_title)
-    return P.PROFILE_PROMPTS[method](uh)  # the baselines, and lg-rating (LettinGo exploration style)
-
-
-def llm_profiles(method: str, examples, hist: HistoryIndex, generator, gen_tok, cache: ProfileCache | None = None,
-                 profile_history: int = 30, max_new_tokens: int = 256, batch_size: int = 8, progress=None,
-                 review_chars: int = 200):
-    """-> (user_profiles, item_profiles, reasons, raw texts), lists aligned with examples; a failed parse gives
-    None profiles and its reason ("ok" otherwise). A style with a response prefix (lg-rating: "Usually rates ")
-    has its answer opened with it, as in LettinGo's exploration and DPO validation; the prefix is part of the text."""
-    prefix = P.RESPONSE_PREFIXES.get(method, "")
-    prompts = [render_generation_prompt(gen_tok, profile_prompt(method, e, hist, profile_history,
-                                                                      review_chars=review_chars)) + prefix
+def cached_profiles(method: str, examples, ds, hist: HistoryIndex, generator, gen_tok, cache: ProfileCache | None,
+                    opts: HistoryOptions, max_new_tokens: int, max_prompt_tokens: int, batch_size: int = 8,
+                    prefix: str | None = None, progress=None) -> list[str]:
+    """The writer's answers (what the parser reads) for every example, through eval/profiles.py as training and
+    validation write them: each distinct prompt is generated once, longest first, and stored in the cache as soon
+    as its batch is done; a rerun takes them from the cache. `prefix` opens each answer (default: the style's,
+    "Usually rates " for lg-rating; pass the --response-prefix a GRPO writer was trained with)."""
+    prefix = style_prefix(method) if prefix is None else prefix
+    stop = style_stop_texts(method)
+    prompts = [encode_prompt(gen_tok, profile_messages(method, hist, ds, e, opts), max_prompt_tokens, prefix)
                for e in examples]
-    key_item = (lambda e: e.item_id) if method == "duet" else (lambda e: "")  # baselines profile the user alone
-    stop = (P.DUET_STOP,) if method == "duet" else ()  # as in GRPO's rollouts and validation
-    raw = cached_generate([(e.user_id, key_item(e), p) for e, p in zip(examples, prompts)], generator, gen_tok,
-                          cache, max_new_tokens, batch_size, progress, stop_texts=stop)
-    raw = [prefix + P.cut_after(t, stop) for t in raw]  # answers cached before generation stopped there, too
-    users, items, reasons = [], [], []
-    for text in raw:
-        if method == "duet":
-            parsed, why = P.parse_duet(text)
-            users.append(parsed.user_profile if parsed else None)
-            items.append(parsed.item_profile if parsed else None)
-        else:
-            prof, why = P.PARSERS[method](text)
-            users.append(prof)
-            items.append(None)
-        reasons.append(why)
-    return users, items, reasons, raw
+    item_of = (lambda e: e.item_id) if method == "duet" else (lambda e: "")  # baselines profile the user alone
+    keys = [prompt_key(p) for p in prompts]
+    known = {k: cache.get(e.user_id, item_of(e), k) for e, k in zip(examples, keys)} if cache else {}
+    todo = sorted({k: p for k, p in zip(keys, prompts) if known.get(k) is None}.items(), key=lambda kp: -len(kp[1]))
+    owner = {k: e for e, k in zip(examples, keys)}
+    for s in range(0, len(todo), batch_size * 4):  # into the cache every few batches
+        chunk = todo[s:s + batch_size * 4]
+        texts = write_profiles(generator, gen_tok, [p for _, p in chunk], max_new_tokens, prefix="",
+                               stop_texts=stop, batch_size=batch_size, progress=progress)
+        for (k, _), text in zip(chunk, texts):
+            known[k] = text
+            if cache is not None:
+                cache.put(owner[k].user_id, item_of(owner[k]), k, text)
+    # answers are stored without the prefix; cut again at the stop text (an answer cached before it stopped there)
+    return [prefix + cut_after(known[k], stop) for k in keys]
 
 
 # ------------------------------------------------------------------------------------------------ the method
 def evaluate_method(method: str, examples, ds, *, recommender: Recommender | None = None, generator=None,
                     gen_tok=None, cache: ProfileCache | None = None, hist: HistoryIndex | None = None,
-                    rec_history: int = 10, profile_history: int = 30, max_new_tokens: int = 256,
-                    gen_batch_size: int = 8, progress=None, with_metrics: bool = True,
-                    review_chars: int = 200) -> tuple[dict, list[dict]]:
-    """Score one method on the examples -> (metrics dict of eval/metrics.rating_metrics, prediction rows).
-    with_metrics=False: predictions only, metrics None (ranking negatives, whose rating is unknown)."""
+                    rec_history: int = RECENT, profile_history: int = 30, item_history: int = 10,
+                    max_new_tokens: int = 256, max_prompt_tokens: int = 100_000, gen_batch_size: int = 8,
+                    progress=None, with_metrics: bool = True, review_chars: int = 200,
+                    prefix: str | None = None) -> tuple[dict, list[dict]]:
+    """Score one method on the examples -> (metrics dict, prediction rows).
+
+    Profile methods: metrics of eval/profiles.profile_metrics (format failures apart, mae_fallback: a failure
+    predicted without profiles, as 10H). with_metrics=False: predictions only, metrics None (ranking negatives,
+    whose rating is unknown)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     y = np.array([e.rating for e in examples], dtype=float)
@@ -160,8 +153,9 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
     if recommender is None:
         raise ValueError(f"method {method} needs a recommender")
     hist = hist or HistoryIndex(ds)
+    opts = HistoryOptions(profile_history, item_history, review_chars)
     n = len(examples)
-    users, items, reasons, raw = [None] * n, [None] * n, ["ok"] * n, [None] * n
+    parsed, reasons, raw = [(None, None)] * n, ["ok"] * n, [None] * n  # 10h: no profile, nothing to fail
     if method == "oracle":
         if not ds.oracle:
             raise ValueError("method oracle needs oracle_profiles.jsonl (synthetic data only)")
@@ -170,48 +164,33 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
             raise ValueError(f"no oracle profile for user {missing[0]} ({len(missing)} users missing)")
         from data.synthetic import oracle_pair_profile
 
-        users = [oracle_pair_profile(ds.oracle_taste[e.user_id], e.item_title) for e in examples]
+        parsed = [(oracle_pair_profile(ds.oracle_taste[e.user_id], e.item_title), None) for e in examples]
     elif method != "10h":
         if generator is None or gen_tok is None:
             raise ValueError(f"method {method} needs a generator model and its tokenizer")
-        users, items, reasons, raw = llm_profiles(method, examples, hist, generator, gen_tok, cache, profile_history,
-                                                  max_new_tokens, gen_batch_size, progress, review_chars)
-
-    ok = [j for j in range(n) if reasons[j] == "ok"]
-    rex = [RecExample(hist.user_history(examples[j].user_id, examples[j].timestamp, rec_history),
-                      users[j], examples[j].item_title, items[j]) for j in ok]
+        raw = cached_profiles(method, examples, ds, hist, generator, gen_tok, cache, opts, max_new_tokens,
+                              max_prompt_tokens, gen_batch_size, prefix, progress)
+        parsed, reasons = zip(*[parse_profile(method, t) for t in raw])
+    rex = [rec_example(hist, ds, e, *(p or (None, None)), review_chars, rec_history) for e, p in zip(examples, parsed)]
     texts = [recommender.prompt(r) for r in rex]
-    expected, probs = recommender.score_prompts(texts)
+    expected, probs = recommender.score_prompts(texts)  # a failed row without profiles: its fallback (10H)
+    failed = [p is None for p in parsed]
     rows = []
-    at = {j: k for k, j in enumerate(ok)}
     for j, e in enumerate(examples):
-        k = at.get(j)
         row = {"user_id": e.user_id, "item_id": e.item_id, "rating": e.rating,
-               "prediction": None if k is None else float(expected[k]),
-               "probs": None if k is None else [round(float(p), 6) for p in probs[k]],
-               "prompt": None if k is None else texts[k]}
+               "prediction": None if failed[j] else float(expected[j]),
+               "probs": None if failed[j] else [round(float(p), 6) for p in probs[j]],
+               "prompt": None if failed[j] else texts[j]}
         if method not in ("10h", "oracle"):
-            row.update(generated=raw[j], format=reasons[j], user_profile=users[j], item_profile=items[j])
+            row.update(generated=raw[j], format=reasons[j], user_profile=parsed[j] and parsed[j][0],
+                       item_profile=parsed[j] and parsed[j][1])
         rows.append(row)
     if not with_metrics:
         return None, rows
-    metrics = rating_metrics(y[ok], expected.numpy().astype(float), failures=n - len(ok))
-    if method not in ("10h", "oracle"):
-        metrics["mae_fallback"] = _mae_fallback(rows, examples, hist, recommender, rec_history)
+    metrics = profile_metrics(y, expected.tolist(), failed)
+    if method in ("10h", "oracle"):
+        del metrics["mae_fallback"]  # nothing can fail
     return metrics, rows
-
-
-def _mae_fallback(rows, examples, hist, recommender, rec_history) -> float:
-    """MAE over every example, a format failure predicted without profiles (the 10H prompt, history only): a
-    figure that compares a generator that often fails with one that never does. Re-scores the failed rows only."""
-    failed = [j for j, r in enumerate(rows) if r["prediction"] is None]
-    pred = [r["prediction"] for r in rows]
-    if failed:
-        rex = [RecExample(hist.user_history(examples[j].user_id, examples[j].timestamp, rec_history), None,
-                          examples[j].item_title, None) for j in failed]
-        for j, v in zip(failed, recommender.score(rex)[0].tolist()):
-            pred[j] = v
-    return float(np.mean([abs(e.rating - p) for e, p in zip(examples, pred)])) if rows else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -1,153 +1,158 @@
-"""Profile generation (greedy, batched through the sampler) and its on-disk cache.
+"""The profile pipeline: one path from a target to a rated profile, used by GRPO's rollouts and validation,
+LettinGo's exploration, scoring and DPO, and scripts/evaluate.py, so that a profile is built, encoded, parsed
+and scored on the same tokens everywhere.
 
-The cache maps (method, generator weights' hash, user, item, prompt) to the generator's raw answer, so a rerun of
-scripts/evaluate.py regenerates nothing, and a change of prompt or of weights regenerates everything. Raw answers
-are stored (not parsed profiles): a parser change needs no regeneration.
+    messages = profile_messages(style, hx, ds, target, hist)   # the writer's chat, from data before the target
+    ids = encode_prompt(tokenizer, messages, max_tokens, prefix)  # chat template, then the answer's opener
+    texts = write_profiles(model, tokenizer, prompts, max_new_tokens, prefix, stop_texts)   # greedy
+    (user_profile, item_profile), reason = parse_profile(style, text)   # (None, reason) on a format failure
+    example = rec_example(hx, ds, target, user_profile, item_profile, hist)   # what the recommender reads
+    metrics = profile_metrics(y, y_hat, failed, y_none)   # MAE... over the parsed rows, + fallback and paired
 
-File layout: CACHE_DIR/<method>-<weights hash[:16]>.jsonl, one JSON object a line
-{"key", "user_id", "item_id", "prompt_sha256", "text"}. Each line is one os.write on an O_APPEND descriptor
-followed by fsync, so concurrent or interrupted runs leave whole lines (a torn last line is skipped on load).
+A target is anything with user_id, item_id and timestamp (a dataset interaction, an evaluation example).
+A "style" is how the writer is prompted and its answer parsed: "duet" (joint user/item profile with cue and
+constructed prompt) or a single user profile of the DUET paper's appendix A.2 ("kar", "palr", "rlmrec", "lg"),
+or LettinGo's "lg-rating", whose answer opens with "Usually rates ".
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
-from pathlib import Path
-from typing import Sequence
+import re
+from dataclasses import dataclass
 
-import torch
+from data.prompts import (DUET_STOP, PARSERS, PROFILE_PROMPTS, RESPONSE_PREFIXES, cut_after, duet_messages,
+                          parse_duet)
+from eval.metrics import paired_mae_difference, rating_metrics
+from eval.recommender import RecExample
 
-from data.prompts import cut_after
-
-# ------------------------------------------------------------------------------------------------ weights hash
-_CHUNK, _N_CHUNKS = 1 << 16, 16
+RECENT = 10  # the recommender sees the user's ten most recent interactions (DUET, paper section 3.1)
+STYLES = ("duet",) + tuple(PROFILE_PROMPTS)
 
 
-def weights_hash(model_dir) -> str:
-    """A cheap, stable fingerprint of a checkpoint directory: sha256 over config.json and, for every
-    *.safetensors file, its name, size, header (tensor names, shapes, offsets) and 16 chunks of 64 KiB spread
-    evenly over the file. Reads ~1 MiB per file instead of hashing gigabytes; a fine-tuned checkpoint changes
-    every chunk, so two different weight sets do not share a hash in practice."""
-    d = Path(model_dir)
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{d}: no *.safetensors files to hash")
-    h = hashlib.sha256()
-    if (d / "config.json").exists():
-        h.update((d / "config.json").read_bytes())
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")  # safetensors: u64 header length, then the JSON header
-            h.update(fh.read(min(n, 1 << 24)))
-            for k in range(_N_CHUNKS):
-                fh.seek(max(0, (size - _CHUNK) * k // max(1, _N_CHUNKS - 1)))
-                h.update(fh.read(_CHUNK))
-    return h.hexdigest()
+@dataclass
+class HistoryOptions:
+    """What the profile writer reads: its window of the user's (and, for DUET, the item's) past reviews."""
+    user_history: int = 30
+    item_history: int = 10
+    review_chars: int = 200
 
 
-def sha256_text(s: str) -> str:
-    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+def item_title(ds, item_id: str) -> str:
+    item = ds.items.get(item_id)
+    return item.title if item else item_id
 
 
-# ------------------------------------------------------------------------------------------------ cache
-class ProfileCache:
-    def __init__(self, cache_dir, method: str, generator_hash: str):
-        self.dir = Path(cache_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.method, self.generator_hash = method, generator_hash
-        self.path = self.dir / f"{method}-{generator_hash[:16]}.jsonl"
-        self.table: dict[str, str] = {}
-        if self.path.exists():
-            for n, line in enumerate(open(self.path, encoding="utf-8"), 1):
-                try:
-                    d = json.loads(line)
-                    self.table[d["key"]] = d["text"]
-                except (ValueError, KeyError, TypeError):
-                    print(f"{self.path}:{n}: skipping a damaged cache line", file=sys.stderr)
-
-    def key(self, user_id: str, item_id: str, prompt: str) -> str:
-        parts = [self.method, self.generator_hash, str(user_id), str(item_id), sha256_text(prompt)]
-        return sha256_text(json.dumps(parts))
-
-    def get(self, user_id, item_id, prompt) -> str | None:
-        return self.table.get(self.key(user_id, item_id, prompt))
-
-    def put(self, user_id, item_id, prompt, text: str):
-        k = self.key(user_id, item_id, prompt)
-        line = json.dumps({"key": k, "user_id": user_id, "item_id": item_id, "prompt_sha256": sha256_text(prompt),
-                           "text": text}, ensure_ascii=False) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.table[k] = text
-
-    def __len__(self):
-        return len(self.table)
+def profile_messages(style: str, hx, ds, target, hist: HistoryOptions) -> list[dict]:
+    """The writer's chat messages for a target; only interactions strictly before target.timestamp are used."""
+    uh = hx.user_history(target.user_id, target.timestamp, hist.user_history, review_chars=hist.review_chars)
+    if style == "duet":
+        ih = hx.item_history(target.item_id, target.timestamp, hist.item_history, exclude_user=target.user_id,
+                             review_chars=hist.review_chars)
+        return duet_messages(uh, ih, hx.user_average(target.user_id, target.timestamp),
+                             hx.item_average(target.item_id, target.timestamp), item_title(ds, target.item_id))
+    if style not in PROFILE_PROMPTS:
+        raise ValueError(f"unknown profile style {style!r}: {', '.join(STYLES)}")
+    return PROFILE_PROMPTS[style](uh)
 
 
-# ------------------------------------------------------------------------------------------------ generation
-def render_generation_prompt(tokenizer, messages: list[dict]) -> str:
-    """The generator's prompt: chat template with the assistant turn opened (plain text for base models)."""
+def style_prefix(style: str) -> str:
+    """The text a style's answer opens with (prompted, then read back as the start of the profile); usually ""."""
+    return RESPONSE_PREFIXES.get(style, "")
+
+
+def style_stop_texts(style: str) -> tuple[str, ...]:
+    """DUET's answer ends at </item_profile>: the strict parser fails any text after it."""
+    return (DUET_STOP,) if style == "duet" else ()
+
+
+def encode_prompt(tokenizer, messages: list[dict], max_tokens: int, prefix: str = "") -> list[int]:
+    """The writer's prompt ids: the chat template with the assistant turn opened (plain text for a base model),
+    then `prefix` encoded apart (e.g. "<user_profile><cue>" to start a small model on the DUET format); the
+    parser reads prefix + completion."""
     if tokenizer.has_chat_template:
-        return tokenizer.render_chat(messages, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages) + "\n"
+        ids = tokenizer.encode_chat(messages)
+    else:
+        ids = tokenizer.encode("\n\n".join(m["content"] for m in messages) + "\n", add_special_tokens=False)
+    if prefix:
+        ids = ids + tokenizer.encode(prefix, add_special_tokens=False)
+    if len(ids) > max_tokens:
+        raise ValueError(f"profile prompt of {len(ids)} tokens exceeds max_prompt_tokens={max_tokens}; "
+                         "lower --user-history / --review-chars or raise the limit")
+    return ids
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
-                   seed: int = 0, progress=None, stop_texts=()) -> list[str]:
-    """Greedy answers to rendered prompts, batched by length through model/sampler.generate; in input order.
-    An answer also ends once it contains one of `stop_texts` (cut right after it)."""
+def completion_text(tokenizer, ids: list[int], prefix: str = "", stop_texts=()) -> str:
+    """What the parser reads: the prefix, then the decoded completion without EOS, cut right after a stop text."""
+    eos = set(tokenizer.eos_ids)
+    return prefix + cut_after(tokenizer.decode([t for t in ids if t not in eos]), stop_texts)
+
+
+def write_profiles(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, prefix: str = "",
+                   stop_texts=(), batch_size: int = 32, sync_ranks: bool = False, progress=None) -> list[str]:
+    """Greedy answers to prompt ids, `batch_size` prompts at a time in input order (under FSDP every rank must
+    pass the same number of prompts: the same sampler calls), each read back by completion_text."""
+    import torch
+
     from model.sampler import generate
 
-    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[str] = [""] * len(ids)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        res = generate(model, [ids[i] for i in idx], max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, n=1,
-                       eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size,
-                       seed=seed, stop_texts=stop_texts, decode=tokenizer.decode)
-        toks, lengths = res.tokens, res.lengths
-        for b, i in enumerate(idx):
-            row = toks[b, :int(lengths[b])].tolist()
-            out[i] = cut_after(tokenizer.decode([t for t in row if t not in tokenizer.eos_ids]), stop_texts)
-        if progress:
-            progress(len(idx))
-    return out
+    texts = []
+    with torch.no_grad():  # not inference_mode: FSDP2 updates its gathered parameters in place
+        for s in range(0, len(prompts), batch_size):
+            out = generate(model, prompts[s:s + batch_size], max_new_tokens, temperature=0.0,
+                           eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id,
+                           vocab_limit=tokenizer.vocab_size, sync_ranks=sync_ranks, stop_texts=stop_texts,
+                           decode=tokenizer.decode)
+            texts += [completion_text(tokenizer, c, prefix, stop_texts) for c in out.completions()]
+            if progress:
+                progress(len(prompts[s:s + batch_size]))
+    return texts
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 updates its gathered parameters in place
-def cached_generate(requests: Sequence[tuple[str, str, str]], model, tokenizer, cache: ProfileCache | None,
-                    max_new_tokens: int = 256, batch_size: int = 8, progress=None, stop_texts=()) -> list[str]:
-    """requests: (user_id, item_id, rendered prompt). Generates each distinct prompt not in the cache once,
-    appends it to the cache as soon as its batch is done, and returns the raw answers in request order."""
-    known: dict[str, str] = {}  # prompt -> answer, from the cache (an identical prompt is never generated twice)
-    for u, i, p in requests:
-        text = cache.get(u, i, p) if cache is not None else None
-        if text is not None:
-            known[p] = text
-    todo: dict[str, tuple[str, str]] = {}
-    for u, i, p in requests:
-        if p not in known and p not in todo:
-            todo[p] = (u, i)
-    prompts = list(todo)
-    for s in range(0, len(prompts), batch_size * 4):  # write to the cache every few batches
-        chunk = prompts[s:s + batch_size * 4]
-        for p, text in zip(chunk, generate_texts(model, tokenizer, chunk, max_new_tokens, batch_size,
-                                                 progress=progress, stop_texts=stop_texts)):
-            known[p] = text
-            if cache is not None:
-                cache.put(*todo[p], p, text)
-    out = []
-    for u, i, p in requests:
-        if cache is not None and cache.get(u, i, p) is None:  # the same prompt for another (user, item)
-            cache.put(u, i, p, known[p])
-        out.append(known[p])
-    return out
+def parse_profile(style: str, text: str):
+    """-> ((user_profile, item_profile or None) | None, reason): reason is "ok" or why the format failed."""
+    if style == "duet":
+        parsed, reason = parse_duet(text)
+        return (None, reason) if parsed is None else ((parsed.user_profile, parsed.item_profile), reason)
+    profile, reason = PARSERS[style](text)
+    return (None, reason) if profile is None else ((profile, None), reason)
+
+
+def rec_example(hx, ds, target, user_profile, item_profile, review_chars: int = 200,
+                recent: int = RECENT) -> RecExample:
+    """The recommender's input: the user's `recent` interactions before the target, the profiles, the item."""
+    return RecExample(hx.user_history(target.user_id, target.timestamp, recent, review_chars=review_chars),
+                      user_profile, item_title(ds, target.item_id), item_profile)
+
+
+def profile_metrics(y, y_hat, failed, y_none=None) -> dict:
+    """Rating metrics of written profiles, one definition for validation and evaluation.
+
+    y (n,) true ratings; y_hat (n,) the recommender's prediction with each row's profiles, a failed row scored
+    without any (its fallback); failed (n,) bools; y_none (n,) optional, every row scored without profiles.
+    MAE, RMSE, Acc, F1 over the parsed rows, format failures apart (eval/metrics.rating_metrics); mae_fallback:
+    the MAE over every row, failed rows at their fallback, which compares a writer that often fails with one
+    that never does; with y_none: mae_none (no profiles, every row) and the paired difference over the parsed
+    rows mae_vs_none (negative: the profiles help) with its standard error mae_vs_none_se.
+    """
+    y, y_hat, failed = [float(v) for v in y], [float(v) for v in y_hat], [bool(f) for f in failed]
+    ok = [j for j, f in enumerate(failed) if not f]
+    m = rating_metrics([y[j] for j in ok], [y_hat[j] for j in ok], failures=len(y) - len(ok))
+    m["mae_fallback"] = sum(abs(a - b) for a, b in zip(y, y_hat)) / len(y) if y else float("nan")
+    if y_none is not None:
+        y_none = [float(v) for v in y_none]
+        m["mae_none"] = sum(abs(a - b) for a, b in zip(y, y_none)) / len(y) if y else float("nan")
+        if len(ok) > 1:
+            pd = paired_mae_difference([y[j] for j in ok], [y_none[j] for j in ok], [y_hat[j] for j in ok])
+            m["mae_vs_none"], m["mae_vs_none_se"] = pd["diff"], pd["se"]
+    return m
+
+
+def format_progress(text: str) -> float:
+    """Share of the 8 DUET tag pairs that are opened and closed in the text (0..1), for the graded format reward:
+    a small model that cannot yet write the whole structure still gets a gradient towards it."""
+    found = 0
+    for side in ("user_profile", "item_profile"):
+        m = re.search(rf"<{side}>(.*?)</{side}>", text, re.S)
+        block = m.group(1) if m else text.split(f"<{side}>", 1)[1] if f"<{side}>" in text else ""
+        found += bool(m) + sum(bool(re.search(rf"<{t}>\s*\S.*?</{t}>", block, re.S))
+                               for t in ("cue", "constructed_prompt", "profile"))
+    return found / 8

@@ -11,14 +11,13 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from model.checkpoint import save_checkpoint
 
-from . import distributed as D
+from . import distributed as dist
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -36,15 +35,15 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler, state: dict, d: D.Dist,
+def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler, state: dict, d: dist.Dist,
          keep: int = 2) -> Path | None:
     """Collective (every rank calls it); rank 0 writes. Returns the checkpoint directory on rank 0."""
-    model_sd = D.full_state_dict(model)
-    optim_sd = D.full_optim_state_dict(model, optimizer)
+    model_sd = dist.full_state_dict(model)
+    optim_sd = dist.full_optim_state_dict(model, optimizer)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = D.all_gather_objects(rng, d)
+    rngs = dist.all_gather_objects(rng, d)
     out = None
     if d.is_main:
         root = Path(run_dir) / "checkpoints"
@@ -58,7 +57,6 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
             torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
             full_state = {**state, "step": step, "scheduler": scheduler.state_dict()}
             (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=2, sort_keys=True, default=str))
-            _fault_injection_pause()
             if out.exists():  # a re-run of the same step: replace it
                 shutil.rmtree(out)
             os.replace(tmp, out)
@@ -74,18 +72,11 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
     return out
 
 
-def _fault_injection_pause():
-    """Tests set PROFILES_CHECKPOINT_PAUSE (seconds) to kill a run while a checkpoint is half-written."""
-    pause = float(os.environ.get("PROFILES_CHECKPOINT_PAUSE", "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
-
-
-def load_training_state(ckpt: Path, model, optimizer, scheduler, d: D.Dist) -> dict:
+def load_training_state(ckpt: Path, model, optimizer, scheduler, d: dist.Dist) -> dict:
     """Restore optimizer, scheduler and this rank's RNG (the weights were loaded from `ckpt/model` when the
     model was built). Every rank reads the files (a shared filesystem, as on one node)."""
     optim_sd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-    D.load_full_optim_state_dict(model, optimizer, optim_sd)
+    dist.load_full_optim_state_dict(model, optimizer, optim_sd)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
     rngs = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)

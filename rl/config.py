@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from data.io import DataError
+from data.io import DataError, write_text_atomic
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,4 @@ def parse_config(cls, presets: dict[str, dict], argv=None, default_preset: str |
 
 def save_config(cfg, path: Path):
     """The resolved config as JSON, written atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")

@@ -145,3 +145,12 @@ def all_gather_objects(obj, d: Dist) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def pad_to_world(items: list, d: Dist) -> tuple[list, int]:
+    """This rank's equal-sized share of `items` (the last share padded by repeating the final element, so every
+    rank runs the same number of forward passes), and how many of its entries are real."""
+    per = -(-len(items) // d.world)
+    mine = items[d.rank * per:(d.rank + 1) * per]
+    real = len(mine)
+    return mine + [items[-1]] * (per - real), real

@@ -1,13 +1,14 @@
-"""LettinGo: explore -> score -> pairs -> DPO training of the profile writer.
+"""DPO training of the profile writer on LettinGo's preference pairs (the stages that make them are rl/lettingo.py;
+scripts/train_dpo.py runs explore -> score -> pairs -> train). The loop is `train`, one step is `dpo_step`, the
+math is rl/dpo.py. The prompt of a pair is the `train_style` profile prompt of its user, written from what came
+before the user's held-out window; the reference log-probs are computed once and stored beside the pairs.
 
-Stages (each alone with --stage, or all in order with --stage all, which skips a stage whose file exists):
-  explore  run_dir/candidates.jsonl  K candidate profiles per training user from each explorer model, prompt
-                                     style and temperature, with their provenance
-  score    run_dir/scores.jsonl      each candidate's mean reward on the user's held-out window (recommender)
-  pairs    run_dir/pairs.jsonl       (chosen, rejected) profiles with their scores
-  train    run_dir/checkpoints/...   DPO on the pairs; prompt = the `train_style` profile prompt of the user
-Exploration and scoring are inference only: under torchrun each rank takes a share of the users with a full
-copy of the model, and rank 0 gathers the rows. Training shares the GRPO machinery (rl/loop.py).
+How this departs from LettinGo's description, each a flag:
+  - the score of a candidate is the frozen recommender's mean reward 1 - |y - y_hat| / 4 (expected rating over
+    '1'..'5') on the user's held-out window (--pair-metric neg_mae: minus the MAE);
+  - --styles lg-rating: an exploration style whose answer is opened by "Usually rates ", so candidates differ in
+    the rating they state; with it as --train-style the opener ends the prompt and DPO learns what follows;
+  - --pair-mode all: every pair of a user's candidates at least --pair-margin apart, not only best against worst.
 """
 from __future__ import annotations
 
@@ -18,23 +19,22 @@ from pathlib import Path
 
 import torch
 
-from data import load_dataset
-from data.history import HistoryIndex
-from model import load_model, load_tokenizer
+from data.io import write_text_atomic
+from eval.profiles import PROFILE_PROMPTS, encode_prompt, profile_messages, style_prefix
 
-from . import distributed as D
-from . import lettingo as LG
-from . import loop as L
-from . import profiles as P
+from . import distributed as dist
+from . import lettingo
+from . import loop
 from .config import must, one_of
 from .dpo import dpo_loss, sequence_logprob
 from .rollout import completion_logprobs, make_batch
+from .validation import validate
 
 STAGES = ("explore", "score", "pairs", "train")
 
 
 @dataclass
-class DPOConfig(L.RunConfig):
+class DPOConfig(loop.RunConfig):
     """LettinGo / DPO. Every field is a flag (--field-name); --preset picks the defaults."""
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy (and reference) model"})
     explorers: list = field(default_factory=lambda: ["smollm2-135m-instruct"],
@@ -82,7 +82,7 @@ class DPOConfig(L.RunConfig):
         must(len(self.explorers) >= 1, "explorers", "must name at least one model", self.explorers)
         must(len(self.temperatures) >= 1 and all(float(t) >= 0 for t in self.temperatures), "temperatures",
              "must be one or more numbers >= 0 (0: greedy)", self.temperatures)
-        known = tuple(P.PROFILE_PROMPTS)  # the single-profile styles LettinGo explores
+        known = tuple(PROFILE_PROMPTS)  # the single-profile styles LettinGo explores
         for style in self.styles:
             one_of("styles", style, known)
         must(len(self.styles) >= 1, "styles", "must name at least one style", self.styles)
@@ -102,7 +102,7 @@ PRESETS = {
                      pair_margin=0.05, max_steps=20, pairs_per_step=4, micro_batch_pairs=2, lr=1e-5,
                      user_history=12, review_chars=80, max_new_tokens=96, save_every=10, val_every=10,
                      val_examples=32),
-    # LettinGo-scale exploration on GPUs (several explorer LLMs; see shared/papers/lettingo-code-readme.txt)
+    # LettinGo-scale exploration on GPUs (several explorer LLMs)
     "lettingo-paper": dict(model="Qwen/Qwen3-8B", explorers=["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"],
                            users=100_000, heldout=5, samples=4, temperatures=[0.6, 1.0, 1.3],
                            styles=["lg", "kar", "palr"], user_history=50, review_chars=200, max_new_tokens=512,
@@ -112,85 +112,19 @@ PRESETS = {
 }
 
 
-def _files(cfg):
-    r = Path(cfg.run_dir)
-    return {"explore": r / "candidates.jsonl", "score": r / "scores.jsonl", "pairs": r / "pairs.jsonl"}
-
-
-def _dataset(cfg):
-    from data.default import default_dataset_dir
-
-    ds = load_dataset(cfg.data or default_dataset_dir())
-    return ds, HistoryIndex(ds)
-
-
-def _opt(cfg) -> P.HistoryOptions:
-    return P.HistoryOptions(cfg.user_history, 0, cfg.review_chars)
-
-
-def stage_explore(cfg, d: D.Dist, ds, hx):
-    users = LG.user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)
-    mine = users[d.rank::d.world]
-    rows = []
-    for k, src in enumerate(cfg.explorers):
-        model, tok = load_model(src, device=d.device), load_tokenizer(src)
-        rows += LG.explore(mine, ds, hx, src, model, tok, cfg.styles, [float(t) for t in cfg.temperatures],
-                           cfg.samples, _opt(cfg), cfg.max_new_tokens, cfg.max_prompt_tokens,
-                           seed=cfg.seed + 7919 * k, progress=d.is_main)  # streams keyed by user, not rank
-        del model
-    rows = [r for part in D.all_gather_objects(rows, d) for r in part]
-    if d.is_main:
-        LG.write_jsonl_atomic(_files(cfg)["explore"], rows)
-        ok = sum(r["profile"] is not None for r in rows)
-        print(f"explore: {len(rows)} candidates for {len(users)} users, {ok} parsed -> {_files(cfg)['explore']}")
-
-
-def stage_score(cfg, d: D.Dist, ds, hx):
-    from eval.recommender import Recommender
-
-    cands = LG.read_jsonl(_files(cfg)["explore"], "explore")
-    users = LG.user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)
-    src = cfg.model if cfg.recommender == "reference" else cfg.recommender
-    rec = Recommender(load_model(src, device=d.device), load_tokenizer(src), device=d.device)
-    for c, cand in enumerate(cands):
-        cand["candidate"] = c
-    mine = cands[d.rank::d.world]
-    scored = LG.score_candidates(mine, users, ds, hx, rec, cfg.review_chars, progress=d.is_main)
-    for s in scored:  # score_candidates numbers within its input: restore the global candidate id
-        s["candidate"] = mine[s["candidate"]]["candidate"]
-        s["neg_mae"] = -s["mae"]
-    rows = sorted((r for part in D.all_gather_objects(scored, d) for r in part), key=lambda r: r["candidate"])
-    if d.is_main:
-        LG.write_jsonl_atomic(_files(cfg)["score"], rows)
-        print(f"score: {len(rows)} candidates scored -> {_files(cfg)['score']}")
-
-
-def stage_pairs(cfg, d: D.Dist, ds, hx):
-    if not d.is_main:
-        return
-    scored = LG.read_jsonl(_files(cfg)["score"], "score")
-    users = {u["user_id"]: u for u in LG.user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)}
-    pairs = LG.select_pairs(scored, cfg.pair_mode, cfg.pair_margin, key=cfg.pair_metric)
-    for p in pairs:
-        p["t_cut"] = users[p["user_id"]]["t_cut"]
-    LG.write_jsonl_atomic(_files(cfg)["pairs"], pairs)
-    print(f"pairs: {len(pairs)} pairs ({cfg.pair_mode}, margin {cfg.pair_margin}) -> {_files(cfg)['pairs']}")
-
-
-# ---- training ---------------------------------------------------------------------------------------------------
-
-def encode_pairs(pairs, tokenizer, hx, cfg):
+def encode_pairs(pairs, tokenizer, ds, hx, cfg):
     """Token ids of (prompt, chosen, rejected); each profile ends with EOS so the model learns to stop.
 
     A train style with a response prefix (lg-rating: "Usually rates ") ends the prompt with it, as exploration and
     validation do, and the two completions are what follows it: the policy is trained on the tokens it chose, not
     on a shared opener it never wrote (the opener's log-prob would cancel in pi_c - pi_r anyway)."""
     eos = tokenizer.eos_token_id
-    prefix = P.style_prefix(cfg.train_style)
+    prefix = style_prefix(cfg.train_style)
     out = []
     for n, p in enumerate(pairs, 1):
-        msgs = P.profile_messages(cfg.train_style, hx, p["user_id"], "", p["t_cut"], _opt(cfg), "")
-        prompt = P.prompt_ids(tokenizer, msgs, cfg.max_prompt_tokens, prefix)
+        msgs = profile_messages(cfg.train_style, hx, ds, lettingo.Target(p["user_id"], "", p["t_cut"]),
+                                lettingo.history_options(cfg))
+        prompt = encode_prompt(tokenizer, msgs, cfg.max_prompt_tokens, prefix)
         ids = []
         for side in ("chosen", "rejected"):
             text = p[side]
@@ -234,7 +168,7 @@ def model_identity(src: str) -> str:
 
 def reference_key(cfg) -> dict:
     """Everything the stored reference log-probs depend on: the model, the pairs, how they become tokens."""
-    pairs = _files(cfg)["pairs"]
+    pairs = lettingo.files(cfg)["pairs"]
     return {"model": model_identity(cfg.model), "pairs_sha256": hashlib.sha256(pairs.read_bytes()).hexdigest(),
             "train_style": cfg.train_style, "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": cfg.max_prompt_tokens, "user_history": cfg.user_history,
@@ -242,7 +176,7 @@ def reference_key(cfg) -> dict:
 
 
 @torch.no_grad()
-def reference_logprobs(reference, encoded, micro: int, d: D.Dist, path: Path, key: dict,
+def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path, key: dict,
                        vocab_limit: int | None = None, average: bool = False) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected) for every pair, computed once and stored in `path` with
     the `key` they were computed for; a file whose key differs (another model, pairs, style, token limits) is
@@ -255,51 +189,69 @@ def reference_logprobs(reference, encoded, micro: int, d: D.Dist, path: Path, ke
         if d.is_main:
             changed = sorted(k for k in key.keys() | old_key.keys() if key.get(k) != old_key.get(k)) or ["pairs"]
             print(f"{path}: computed for another {', '.join(changed)}; recomputing the reference log-probs")
-    idx, real = P.pad_to_world(list(range(len(encoded))), d)
+    idx, real = dist.pad_to_world(list(range(len(encoded))), d)
     rows = []
     for s in range(0, len(idx), micro):
         c, r = pair_logprobs(reference, encoded, idx[s:s + micro], vocab_limit, average)
         rows += list(zip(idx[s:s + micro], c.tolist(), r.tolist()))
-    rows = {i: (c, r) for part in D.all_gather_objects(rows[:real], d) for i, c, r in part}
+    rows = {i: (c, r) for part in dist.all_gather_objects(rows[:real], d) for i, c, r in part}
     ref = torch.tensor([rows[i] for i in range(len(encoded))], dtype=torch.float32)
     if d.is_main:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "logps": ref.tolist()}))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps({"key": key, "logps": ref.tolist()}))
     return ref
 
 
-def stage_train(cfg, d: D.Dist, ds, hx, preset=None) -> dict:
-    pairs = LG.read_jsonl(_files(cfg)["pairs"], "pairs")
+def train(cfg: DPOConfig, preset: str | None = None) -> dict:
+    """DPO on the pairs of run_dir/pairs.jsonl: every step is one update; validation and checkpoints every few."""
+    cfg.check()
+    d = dist.setup(cfg.device or None)
+    loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)  # the pairs split over the ranks
+    torch.manual_seed(cfg.seed)
+    ds, hx = lettingo.dataset(cfg)
+    pairs = lettingo.read_jsonl(lettingo.files(cfg)["pairs"], "pairs")
     if not pairs:
-        raise ValueError(f"{_files(cfg)['pairs']} holds no pairs: explore more candidates or lower --pair-margin")
-    resume_from = L.resume_point(cfg)
-    models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
-    encoded = encode_pairs(pairs, models.tokenizer, hx, cfg)
+        raise ValueError(f"{lettingo.files(cfg)['pairs']} holds no pairs: explore more candidates or lower "
+                         f"--pair-margin")
+    resume_from = loop.resume_point(cfg)
+    models = loop.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
+    encoded = encode_pairs(pairs, models.tokenizer, ds, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
                              reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg))
-
-    def step_fn(step, optimizer, scheduler, tracker):
-        return dpo_step(step, cfg, models, encoded, pairs, ref, optimizer, scheduler, d, tracker)
 
     from eval.recommender import Recommender
 
     rec = Recommender(models.rec_model, models.rec_tokenizer, batch_size=cfg.micro_batch_pairs * 2, device=d.device)
     valid = sorted(ds.split("valid"), key=lambda x: (x.timestamp, x.user_id))
-    valid = [valid[i] for i in L.epoch_order(len(valid), 0, cfg.seed)[:cfg.val_examples]] if valid else []
+    valid = [valid[i] for i in loop.epoch_order(len(valid), 0, cfg.seed)[:cfg.val_examples]] if valid else []
 
-    def validate_fn():
-        return P.validate(models.policy, models.tokenizer, rec, ds, hx, valid, cfg.train_style, _opt(cfg), d,
-                          cfg.max_new_tokens, cfg.max_prompt_tokens, P.style_prefix(cfg.train_style))
+    def validation() -> dict:
+        return validate(models.policy, models.tokenizer, rec, ds, hx, valid, cfg.train_style,
+                        lettingo.history_options(cfg), d, cfg.max_new_tokens, cfg.max_prompt_tokens,
+                        style_prefix(cfg.train_style))
 
-    return L.run(cfg, d, models, resume_from, 1, step_fn, validate_fn,
-                 {"loss": "loss", "reward_accuracy": "acc", "reward_margin": "margin"}, preset, desc="dpo")
+    run = loop.start_run(cfg, d, models, resume_from, 1, preset)
+    last: dict = {}
+    if loop.validate_first(cfg, run):  # the start of the validation curve; --max-steps 0 only validates
+        last = loop.log_validation(run, validation(), 0)
+    bar = loop.progress_bar(run, cfg, d, "dpo")
+    for step in bar:
+        last = dpo_step(step, cfg, models, encoded, pairs, ref, run, d)
+        done = step + 1
+        run.tracker.scalars(last, done, prefix="train/")
+        loop.show(bar, last, {"loss": "loss", "reward_accuracy": "acc", "reward_margin": "margin"})
+        if loop.validate_now(cfg, done):
+            last.update(loop.log_validation(run, validation(), done))
+        if loop.save_now(cfg, run, done):
+            loop.save(cfg, run, models, done, d)
+    run.tracker.close()
+    dist.teardown()
+    return last
 
 
-def dpo_step(step, cfg, models: L.Models, encoded, pairs, ref, optimizer, scheduler, d: D.Dist, tracker) -> dict:
+def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run: loop.Run, d: dist.Dist) -> dict:
     policy = models.policy
-    global_idx = L.step_indices(step, cfg.pairs_per_step, len(encoded), cfg.seed)
-    mine = [global_idx[p] for p in L.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)]
+    global_idx = loop.step_indices(step, cfg.pairs_per_step, len(encoded), cfg.seed)
+    mine = [global_idx[p] for p in loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)]
     policy.train()
     keys = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
             "logps_rejected")
@@ -314,41 +266,16 @@ def dpo_step(step, cfg, models: L.Models, encoded, pairs, ref, optimizer, schedu
         sums += torch.tensor([float(loss.detach()) if k == "loss" else float(m[k]) * len(idx) for k in keys],
                              dtype=torch.float64)
     gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    tot = D.all_sum(sums, d)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    tot = dist.all_sum(sums, d)
     metrics = {k: float(v) if k == "loss" else float(v) / cfg.pairs_per_step for k, v in zip(keys, tot)}
     metrics["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-    metrics["lr"] = scheduler.get_last_lr()[0]
+    metrics["lr"] = run.scheduler.get_last_lr()[0]
     if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
         p = pairs[global_idx[0]]
-        tracker.text("pairs", f"**chosen** ({p['chosen_score']:.3f}, {p['chosen_from']})\n\n{p['chosen']}\n\n"
-                              f"**rejected** ({p['rejected_score']:.3f}, {p['rejected_from']})\n\n{p['rejected']}",
-                     step + 1)
+        run.tracker.text("pairs", f"**chosen** ({p['chosen_score']:.3f}, {p['chosen_from']})\n\n{p['chosen']}\n\n"
+                                  f"**rejected** ({p['rejected_score']:.3f}, {p['rejected_from']})\n\n"
+                                  f"{p['rejected']}", step + 1)
     return metrics
-
-
-def main(cfg: DPOConfig, preset: str | None = None) -> dict:
-    cfg.check()
-    d = D.setup(cfg.device or None)
-    L.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)  # the pairs split over the ranks, before loading
-    torch.manual_seed(cfg.seed)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    ds, hx = _dataset(cfg)
-    files = _files(cfg)
-    todo = STAGES if cfg.stage == "all" else (cfg.stage,)
-    result = {}
-    for stage in todo:
-        if cfg.stage == "all" and stage in files and files[stage].exists():
-            if d.is_main:
-                print(f"{stage}: {files[stage]} exists, skipped (delete it or run --stage {stage} to redo)")
-            continue
-        if stage == "train":
-            result = stage_train(cfg, d, ds, hx, preset)
-        else:
-            {"explore": stage_explore, "score": stage_score, "pairs": stage_pairs}[stage](cfg, d, ds, hx)
-        if d.enabled:
-            torch.distributed.barrier()
-    D.teardown()
-    return result

@@ -3,7 +3,7 @@ parsed into a user and an item profile; the frozen recommender rates the item fr
 recent interactions; reward = 1 - |y - y_hat| / 4, or the format-failure reward when a tag is missing.
 
 Rollouts stop at `stop_text` ("</item_profile>"): the strict parser fails any text after it, which a small model
-otherwise writes in a third of its late rollouts (chat-like "Product: 4.5 ..."; session-3 run)."""
+otherwise writes in many of its late rollouts (chat-like "Product: 4.5 ...")."""
 from __future__ import annotations
 
 import random
@@ -14,15 +14,17 @@ import torch
 
 from data import load_dataset
 from data.history import HistoryIndex
-from data.prompts import cut_after
+from eval.profiles import (HistoryOptions, completion_text, encode_prompt, format_progress, parse_profile,
+                           profile_messages, rec_example)
 from eval.recommender import Recommender
 from eval.reward import rating_reward
 
-from . import profiles as P
+from .envs import Episode
+from .validation import validate
 
 
 class DuetEnv:
-    def __init__(self, ds, tokenizer, recommender: Recommender, opt: P.HistoryOptions, max_prompt_tokens: int,
+    def __init__(self, ds, tokenizer, recommender: Recommender, hist: HistoryOptions, max_prompt_tokens: int,
                  max_new_tokens: int, val_examples: int, seed: int = 0, min_user_history: int = 5,
                  response_prefix: str = "", format_reward: str = "constant", failure_reward: float = -1.0,
                  stop_text: str = ""):
@@ -30,7 +32,7 @@ class DuetEnv:
             raise ValueError(f"format_reward must be 'constant' or 'graded', not {format_reward!r}")
         self.prefix, self.format_reward, self.failure_reward = response_prefix, format_reward, failure_reward
         self.stop_texts = (stop_text,) if stop_text else ()
-        self.ds, self.hx, self.tok, self.rec, self.opt = ds, HistoryIndex(ds), tokenizer, recommender, opt
+        self.ds, self.hx, self.tok, self.rec, self.hist = ds, HistoryIndex(ds), tokenizer, recommender, hist
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         # targets with enough history for a profile to say something
         self.train = [x for x in ds.split("train")
@@ -48,48 +50,49 @@ class DuetEnv:
 
         ds = load_dataset(cfg.data or default_dataset_dir())
         rec = Recommender(rec_model, rec_tokenizer, batch_size=cfg.micro_batch_rows, device=d.device)
-        opt = P.HistoryOptions(cfg.user_history, cfg.item_history, cfg.review_chars)
-        return cls(ds, tokenizer, rec, opt, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.val_examples, cfg.seed,
+        hist = HistoryOptions(cfg.user_history, cfg.item_history, cfg.review_chars)
+        return cls(ds, tokenizer, rec, hist, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.val_examples, cfg.seed,
                    response_prefix=cfg.response_prefix, format_reward=cfg.format_reward,
                    failure_reward=cfg.format_failure_reward, stop_text=cfg.stop_text)
 
     def num_prompts(self) -> int:
         return len(self.train)
 
-    def episode(self, index: int):
-        from .envs import Episode
-
+    def episode(self, index: int) -> Episode:
         x = self.train[index]
         if index not in self._ids:
-            msgs = P.profile_messages("duet", self.hx, x.user_id, x.item_id, x.timestamp, self.opt,
-                                      P._title(self.ds, x.item_id))
-            self._ids[index] = P.prompt_ids(self.tok, msgs, self.max_prompt_tokens, self.prefix)
+            msgs = profile_messages("duet", self.hx, self.ds, x, self.hist)
+            self._ids[index] = encode_prompt(self.tok, msgs, self.max_prompt_tokens, self.prefix)
         return Episode(self._ids[index], {"target": x})
 
-    def score(self, episodes, completions, texts, d=None):
-        G = len(texts) // len(episodes)
-        targets = [episodes[r // G].meta["target"] for r in range(len(texts))]
-        texts = [self.prefix + cut_after(t, self.stop_texts) for t in texts]
-        parsed = [P.parse_profile("duet", t) for t in texts]
-        examples = [P.rec_example(self.hx, self.ds, x.user_id, x.item_id, x.timestamp, *(p or ("", "")),
-                                  review_chars=self.opt.review_chars) for x, (p, _) in zip(targets, parsed)]
+    def score(self, episodes: list[Episode], d=None) -> dict:
+        rows = [(e.meta["target"], c) for e in episodes for c in e.completions]  # (target, completion) per sample
+        texts = [completion_text(self.tok, c, self.prefix, self.stop_texts) for _, c in rows]
+        parsed = [parse_profile("duet", t) for t in texts]
+        examples = [rec_example(self.hx, self.ds, x, *(p or ("", "")), self.hist.review_chars)
+                    for (x, _), (p, _) in zip(rows, parsed)]
         y_hat, _ = self.rec.score(examples)  # every row, failed ones too: the same forwards on every rank
-        y = torch.tensor([x.rating for x in targets], dtype=torch.float32)
+        y = torch.tensor([x.rating for x, _ in rows], dtype=torch.float32)
         failed = torch.tensor([p is None for p, _ in parsed])
-        rewards = torch.as_tensor(rating_reward(y, y_hat.float().cpu(), failed=None), dtype=torch.float32)
+        rewards = torch.as_tensor(rating_reward(y, y_hat.float().cpu()), dtype=torch.float32)
         if self.format_reward == "graded":  # a failure earns part of the way from failure_reward to 0
-            fail_r = torch.tensor([self.failure_reward * (1 - P.format_progress(t)) for t in texts])
+            fail_r = torch.tensor([self.failure_reward * (1 - format_progress(t)) for t in texts])
         else:
             fail_r = torch.full_like(rewards, self.failure_reward)
         rewards = torch.where(failed, fail_r, rewards)
+        at = 0
+        for e in episodes:  # back into each episode's group
+            n = len(e.completions)
+            e.texts, e.rewards, e.failed = texts[at:at + n], rewards[at:at + n], failed[at:at + n]
+            at += n
         ok = ~failed
         reasons = Counter(re.sub(r"[^a-z]+", "_", reason.split("(")[0].split(":")[0].lower()).strip("_")
                           for p, reason in parsed if p is None)
         info = {"pred_mae": float((y - y_hat.cpu())[ok].abs().mean()) if ok.any() else float("nan"),
-                "format_progress": sum(P.format_progress(t) for t in texts) / len(texts)}
+                "format_progress": sum(format_progress(t) for t in texts) / len(texts)}
         info.update({f"fail_{k[:40]}": v / len(texts) for k, v in reasons.most_common(3)})
-        return rewards, failed, info
+        return info
 
     def validate(self, policy, tokenizer, d) -> dict:
-        return P.validate(policy, tokenizer, self.rec, self.ds, self.hx, self.valid, "duet", self.opt, d,
-                          self.max_new_tokens, self.max_prompt_tokens, self.prefix, self.stop_texts)
+        return validate(policy, tokenizer, self.rec, self.ds, self.hx, self.valid, "duet", self.hist, d,
+                        self.max_new_tokens, self.max_prompt_tokens, self.prefix, self.stop_texts)

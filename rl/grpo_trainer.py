@@ -1,13 +1,25 @@
-"""GRPO training loop (DUET): rollout -> score -> advantages -> clipped policy update with KL to a frozen reference.
+"""GRPO training of DUET profile writers: rollout -> score -> advantages -> clipped update with KL to a frozen
+reference. The loop is `train`, one step is `grpo_step`, the math is rl/grpo.py.
 
-One optimizer step of the loop, read top to bottom in `train`:
-  1. take the step's global batch of prompts (a seeded permutation per epoch); each rank keeps its share
+One step, top to bottom in `grpo_step`:
+  1. the step's global batch of prompts (a seeded permutation per epoch); each rank keeps its share
   2. rollout: G samples per prompt with the (gathered) policy, one shared prefill per prompt
   3. score: the environment parses each completion and the frozen recommender rates it -> rewards
   4. advantages: (r - mean_group) / (std_group + eps), from the rewards of the whole group
   5. old log-probs (policy before the update) and reference log-probs, one no-grad forward each
-  6. PPO: for each epoch and mini-batch, micro-batches accumulate the token-mean loss over the GLOBAL token count
-     of the mini-batch (all micro-batches, all ranks); clip the gradient; AdamW step
+  6. PPO: for each epoch and mini-batch, micro-batches accumulate the loss over the GLOBAL token (or sequence)
+     count of the mini-batch (all micro-batches, all ranks); clip the gradient; AdamW step
+
+How this departs from DUET's public (verl) code, each a flag:
+  - recommender: the expected rating over the tokens '1'..'5' in one forward (Reason4Rec), not a generated and
+    parsed "<rating>x.xx</rating>": no recommender failures, a continuous reward;
+  - --format-reward graded: a format failure earns part of the way to 0 by the share of tags written (DUET: -1);
+  - --response-prefix: the answer is opened for the writer (e.g. "<user_profile><cue>"), part of the parsed text;
+  - --stop-text: a rollout ends at "</item_profile>" (decoded text), since the strict parser fails anything after;
+  - --old-logprobs sampler: the sampler's own log-probs serve as the old ones (one forward less; exact when the
+    sampler and the update see the same weights, as with one PPO epoch);
+  - the writer reads --user-history items (30 by default, 10 in DUET's configuration; the paper's Table 3 tries
+    30/50/70).
 """
 from __future__ import annotations
 
@@ -20,16 +32,16 @@ import torch
 from data.prompts import DUET_STOP
 from model.sampler import generate, row_seed
 
-from . import distributed as D
-from . import loop as L
+from . import distributed as dist
+from . import loop
 from .config import must, one_of
+from .envs import Env, Episode
 from .grpo import group_advantages, grpo_loss
 from .rollout import batched_logprobs, completion_logprobs, make_batch
-from .tracking import Tracker
 
 
 @dataclass
-class GRPOConfig(L.RunConfig):
+class GRPOConfig(loop.RunConfig):
     """GRPO for DUET profiles. Every field is a flag (--field-name); --preset picks the defaults (the run's
     own flags, shared with DPO, are in rl/loop.py::RunConfig)."""
     # what to train, on what
@@ -105,7 +117,7 @@ PRESETS = {
                      user_history=8, item_history=3, review_chars=60, max_new_tokens=160, temperature=0.8,
                      lr=1e-5, response_prefix="<user_profile><cue>", format_reward="graded",
                      old_logprobs="sampler", max_steps=10, save_every=5, val_every=5, val_examples=16),
-    # hyper-parameters of DUET's public verl configuration (see DESIGN.md), Qwen3-8B on GPUs
+    # hyper-parameters of DUET's public verl configuration, Qwen3-8B on GPUs
     "duet-paper": dict(model="Qwen/Qwen3-8B", prompts_per_step=64, mini_batch_prompts=32, group_size=8,
                        micro_batch_rows=8, lr=1e-6, weight_decay=0.01, kl_coef=0.001, clip_low=0.2, clip_high=0.2,
                        max_prompt_tokens=4096, max_new_tokens=896, ppo_epochs=1, max_steps=10_000,
@@ -114,93 +126,124 @@ PRESETS = {
 }
 
 
-def make_env(cfg: GRPOConfig, models: L.Models, d: D.Dist):
+def make_env(cfg: GRPOConfig, models: loop.Models, d: dist.Dist) -> Env:
     if cfg.env == "toy":
         from .envs import TokenShareEnv
 
         tok = models.tokenizer
         return TokenShareEnv(tok, target_token=int(tok.encode("the", add_special_tokens=False)[0]))
-    if cfg.env == "duet":
-        from .duet_env import DuetEnv
+    from .duet_env import DuetEnv
 
-        return DuetEnv.from_config(cfg, models.tokenizer, models.rec_model, models.rec_tokenizer, d)
-    raise ValueError(f"unknown env {cfg.env!r} (duet, toy)")
+    return DuetEnv.from_config(cfg, models.tokenizer, models.rec_model, models.rec_tokenizer, d)
 
 
-def train(cfg: GRPOConfig, preset: str | None = None, env=None) -> dict:
+def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) -> dict:
+    """The GRPO run: every step is rollout + update; validation and checkpoints every few steps."""
     cfg.check()
-    d = D.setup(cfg.device or None)
-    L.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks, before loading
+    d = dist.setup(cfg.device or None)
+    loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks
     torch.manual_seed(cfg.seed)
-    resume_from = L.resume_point(cfg)
-    models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
+    resume_from = loop.resume_point(cfg)
+    models = loop.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
     env = env or make_env(cfg, models, d)
     updates_per_step = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.mini_batch_prompts)
-
-    def step_fn(step, optimizer, scheduler, tracker):
-        return grpo_step(step, cfg, models, env, optimizer, scheduler, d, tracker)
-
-    last = L.run(cfg, d, models, resume_from, updates_per_step, step_fn,
-                 lambda: env.validate(models.policy, models.tokenizer, d),
-                 {"reward_mean": "reward", "kl": "kl", "format_failure_rate": "fail"}, preset, desc="grpo")
-    D.teardown()
+    run = loop.start_run(cfg, d, models, resume_from, updates_per_step, preset)
+    last: dict = {}
+    if loop.validate_first(cfg, run):  # the start of the validation curve; --max-steps 0 only validates
+        last = loop.log_validation(run, env.validate(models.policy, models.tokenizer, d), 0)
+    bar = loop.progress_bar(run, cfg, d, "grpo")
+    for step in bar:
+        last = grpo_step(step, cfg, models, env, run, d)
+        done = step + 1
+        run.tracker.scalars(last, done, prefix="train/")
+        loop.show(bar, last, {"reward_mean": "reward", "kl": "kl", "format_failure_rate": "fail"})
+        if loop.validate_now(cfg, done):
+            last.update(loop.log_validation(run, env.validate(models.policy, models.tokenizer, d), done))
+        if loop.save_now(cfg, run, done):
+            loop.save(cfg, run, models, done, d)
+    run.tracker.close()
+    dist.teardown()
     return last
 
 
-def grpo_step(step, cfg: GRPOConfig, models: L.Models, env, optimizer, scheduler, d: D.Dist,
-              tracker: Tracker) -> dict:
-    policy, reference, tokenizer = models.policy, models.reference, models.tokenizer
-    G = cfg.group_size
-    t0 = time.perf_counter()
-    # 1. this rank's prompts of the step's global batch
-    global_idx = L.step_indices(step, cfg.prompts_per_step, env.num_prompts(), cfg.seed)
-    mine = L.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)
-    episodes = [env.episode(global_idx[p]) for p in mine]
-    prompts = [e.prompt_ids for e in episodes]
-
-    # 2. rollout: G samples per prompt; each row's random stream is keyed by (seed, step, global position), so
-    # the samples do not depend on how prompts are spread over ranks
-    policy.eval()
-    with torch.no_grad(), D.gathered(policy):
-        out = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                       top_p=cfg.top_p, n=G, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_token_id,
-                       vocab_limit=tokenizer.vocab_size, sync_ranks=d.enabled,
-                       stop_texts=env.stop_texts, decode=tokenizer.decode,
+def rollout(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, d: dist.Dist) -> tuple[list[Episode], object]:
+    """This rank's episodes of the step, each with its G samples; also the sampler's output (its log-probs).
+    Each row's random stream is keyed by (seed, step, global position), so the samples do not depend on how the
+    prompts are spread over ranks."""
+    pool = loop.step_indices(step, cfg.prompts_per_step, env.num_prompts(), cfg.seed)
+    mine = loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)
+    episodes = [env.episode(pool[p]) for p in mine]
+    G, tok = cfg.group_size, models.tokenizer
+    models.policy.eval()
+    with torch.no_grad(), dist.gathered(models.policy):
+        out = generate(models.policy, [e.prompt_ids for e in episodes], cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=G, eos_ids=tok.eos_ids,
+                       pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size, sync_ranks=d.enabled,
+                       stop_texts=env.stop_texts, decode=tok.decode,
                        seeds=[row_seed(cfg.seed * 1_000_003 + step, p, j) for p in mine for j in range(G)])
-    lengths = out.lengths.tolist()
-    completions = [out.tokens[r, :lengths[r]].tolist() for r in range(len(lengths))]
-    texts = [tokenizer.decode(c) for c in completions]
+    completions = out.completions()
+    for b, e in enumerate(episodes):
+        e.completions = completions[b * G:(b + 1) * G]
+    return episodes, out
+
+
+class TokenMeans:
+    """Token-weighted means of per-micro-batch metrics over every rank of the step, and a few sums."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.tokens = 0.0
+
+    def add(self, metrics: dict, tokens: float):
+        self.tokens += tokens
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * tokens
+
+    def reduce(self, d: dist.Dist) -> dict:
+        keys = sorted(self.sums)
+        tot = dist.all_sum(torch.tensor([self.tokens] + [self.sums[k] for k in keys], dtype=torch.float64), d)
+        return {k: float(v) / max(1.0, float(tot[0])) for k, v in zip(keys, tot[1:])}
+
+
+def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: loop.Run, d: dist.Dist) -> dict:
+    policy, tok, G = models.policy, models.tokenizer, cfg.group_size
+    t0 = time.perf_counter()
+    # 1-2. this rank's prompts and their G samples each
+    episodes, out = rollout(step, cfg, models, env, d)
     t1 = time.perf_counter()
-
-    # 3. rewards; 4. advantages over each group (the whole group lives on one rank)
-    rewards, failed, info = env.score(episodes, completions, texts, d)
+    # 3. rewards; 4. advantages within each group (a whole group lives on one rank)
+    info = env.score(episodes, d)
+    rewards = torch.cat([e.rewards for e in episodes])  # (N * G,)
     adv, adv_m = group_advantages(rewards, G, eps=cfg.adv_eps, scale_by_std=cfg.scale_adv_by_std)
+    for b, e in enumerate(episodes):
+        e.advantages = adv[b * G:(b + 1) * G]
     t2 = time.perf_counter()
-
     # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
-    V = tokenizer.vocab_size
-    batch = make_batch(prompts, completions, tokenizer.pad_token_id, repeat=G).to(d.device)
+    V = tok.vocab_size
+    batch = make_batch([e.prompt_ids for e in episodes], [c for e in episodes for c in e.completions],
+                       tok.pad_token_id, repeat=G).to(d.device)
     with torch.no_grad():
         if cfg.old_logprobs == "sampler":
             old = out.logprobs[:, :batch.completion_len].to(d.device)
         else:
             old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V)
-        ref = batched_logprobs(reference, batch, cfg.micro_batch_rows, cfg.temperature, V) if cfg.kl_coef else None
-
-    # 6. PPO epochs over mini-batches; gradient accumulation over micro-batches. Every micro-batch loss is over
+        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V) \
+            if cfg.kl_coef else None
+    del out  # the sampler's KV cache and tensors are not needed for the update
+    # 6. PPO epochs over mini-batches, gradient accumulation over micro-batches. Every micro-batch loss is over
     # the mini-batch's GLOBAL token (or sequence) count, so the micro-batch losses of all ranks sum to the
     # mini-batch loss: that sum is what is back-propagated, and what train/loss logs.
     policy.train()
+    rows = batch.input_ids.shape[0]
     rows_per_mb = (cfg.mini_batch_prompts // d.world) * G
-    sums = {k: 0.0 for k in ("pg_loss", "kl", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean",
-                             "entropy")}
-    ratio_max, grad_norms, n_tok_local, loss_sum, n_updates = 0.0, [], 0.0, 0.0, 0
+    means, losses, grad_norms, ratio_max = TokenMeans(), [], [], 0.0
     for _ in range(cfg.ppo_epochs):
-        for s in range(0, batch.input_ids.shape[0], rows_per_mb):
+        for s in range(0, rows, rows_per_mb):
             mb_mask = batch.mask[s:s + rows_per_mb]
-            mb_tokens = D.all_sum(mb_mask.sum(), d)  # the global token count of this mini-batch
-            mb_seqs = D.all_sum((mb_mask.sum(1) > 0).sum().float(), d)  # and its global sequence count
-            for m in range(s, min(s + rows_per_mb, batch.input_ids.shape[0]), cfg.micro_batch_rows):
+            mb_tokens = dist.all_sum(mb_mask.sum(), d)  # the global token count of this mini-batch
+            mb_seqs = dist.all_sum((mb_mask.sum(1) > 0).sum().float(), d)  # and its global sequence count
+            mb_loss = 0.0
+            for m in range(s, min(s + rows_per_mb, rows), cfg.micro_batch_rows):
                 mi = slice(m, min(m + cfg.micro_batch_rows, s + rows_per_mb))
                 mbatch = batch.rows(mi)
                 logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V)
@@ -208,42 +251,40 @@ def grpo_step(step, cfg: GRPOConfig, models: L.Models, env, optimizer, scheduler
                                      mbatch.mask, kl_coef=cfg.kl_coef, clip_low=cfg.clip_low,
                                      clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg, global_tokens=mb_tokens,
                                      global_seqs=mb_seqs, clip_ratio_c=cfg.clip_ratio_c, max_kl=cfg.kl_max)
-                # FSDP averages gradients over ranks; the loss already sums over the global batch, so undo it
-                (loss * d.world).backward()
-                loss_sum += float(loss.detach())
+                (loss * d.world).backward()  # FSDP averages gradients over ranks: the loss already sums over them
+                mb_loss += float(loss.detach())
                 ntok = float(mbatch.mask.sum())
-                n_tok_local += ntok
-                sums["entropy"] += float((ent * mbatch.mask).sum())
-                for k in sums.keys() & lm.keys():
-                    sums[k] += float(lm[k]) * ntok
-                ratio_max = max(ratio_max, float(lm["ratio_max"]))
+                lm.pop("loss")
+                lm["entropy"] = (ent * mbatch.mask).sum() / max(1.0, ntok)
+                ratio_max = max(ratio_max, float(lm.pop("ratio_max")))
+                means.add(lm, ntok)
+            losses.append(mb_loss)
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            n_updates += 1
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
     t3 = time.perf_counter()
 
-    # metrics: token-weighted over all ranks; rewards over the whole global batch
-    tot = D.all_sum(torch.tensor([n_tok_local, loss_sum] + list(sums.values()), dtype=torch.float64), d)
-    n_tok = max(1.0, float(tot[0]))
-    metrics = {k: float(v) / n_tok for k, v in zip(sums, tot[2:])}
-    metrics["loss"] = float(tot[1]) / n_updates  # the back-propagated mini-batch loss, mean over the updates
-    r_all = D.all_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), failed.float().sum(), len(rewards),
-                                    float(out.lengths.float().sum()), adv_m["zero_std_frac"] * len(prompts)],
-                                   dtype=torch.float64), d).tolist()
+    # metrics: token-weighted over all ranks; the loss summed over ranks; rewards over the whole global batch
+    metrics = means.reduce(d)
+    metrics["loss"] = float(dist.all_sum(torch.tensor(losses, dtype=torch.float64), d).mean())
+    failed = torch.cat([e.failed for e in episodes]).float()
+    lengths = float(sum(len(c) for e in episodes for c in e.completions))
+    r_all = dist.all_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), failed.sum(), len(rewards), lengths,
+                                       adv_m["zero_std_frac"] * len(episodes)], dtype=torch.float64), d).tolist()
     n_rows = r_all[3]
     mean = r_all[0] / n_rows
     metrics.update(
         reward_mean=mean, reward_std=math.sqrt(max(0.0, r_all[1] / n_rows - mean ** 2)),
         format_failure_rate=r_all[2] / n_rows, response_length=r_all[4] / n_rows,
-        zero_adv_group_frac=r_all[5] / (n_rows / G), ratio_max=float(D.all_max(torch.tensor(ratio_max), d)),
-        grad_norm=sum(grad_norms) / len(grad_norms), lr=scheduler.get_last_lr()[0],
+        zero_adv_group_frac=r_all[5] / (n_rows / G), ratio_max=float(dist.all_max(torch.tensor(ratio_max), d)),
+        grad_norm=sum(grad_norms) / len(grad_norms), lr=run.scheduler.get_last_lr()[0],
         time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2,
         tokens_per_second=r_all[4] / max(1e-9, t1 - t0), **{f"env_{k}": v for k, v in info.items()})
-    if cfg.log_text_every and (step % cfg.log_text_every == 0) and d.is_main:
-        shown = [f"**reward {rewards[r]:.3f}**{' (format failure)' if failed[r] else ''}\n\n```\n{texts[r]}\n```"
-                 for r in range(min(3, len(texts)))]
-        tracker.text("rollouts", "\n\n---\n\n".join(shown), step + 1)
+    if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
+        e = episodes[0]
+        shown = [f"**reward {e.rewards[j]:.3f}**{' (format failure)' if e.failed[j] else ''}\n\n```\n{e.texts[j]}\n```"
+                 for j in range(min(3, G))]
+        run.tracker.text("rollouts", "\n\n---\n\n".join(shown), step + 1)
     return metrics

@@ -1,33 +1,42 @@
 """LettinGo's data stages: explore candidate profiles, score them by recommendation error, build preference pairs.
+(The fourth stage, DPO on the pairs, is rl/dpo_trainer.py; scripts/train_dpo.py runs them in order.)
+
+  explore  run_dir/candidates.jsonl  K candidate profiles per training user from each explorer model, prompt
+                                     style and temperature, with their provenance
+  score    run_dir/scores.jsonl      each candidate's mean reward on the user's held-out window (recommender)
+  pairs    run_dir/pairs.jsonl       (chosen, rejected) profiles with their scores
 
 For a training user, the last `heldout` train interactions form the evaluation window; the profile writer only
 sees interactions strictly before the window's first timestamp. A candidate's score is the recommender's mean
 reward 1 - |y - y_hat| / 4 over the window (or -MAE): the profile that best predicts the user's own ratings wins.
-Each stage writes one JSON-lines file atomically; the next stage reads it.
+Each stage writes one JSON-lines file atomically; the next stage reads it. Exploration and scoring are inference
+only: under torchrun each rank takes a share of the users with a full copy of the model, and rank 0 gathers.
 """
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from itertools import combinations
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from . import profiles as P
+from data import load_dataset
+from data.history import HistoryIndex
+from data.io import write_text_atomic
+from eval.profiles import (HistoryOptions, completion_text, encode_prompt, parse_profile, profile_messages,
+                           rec_example, style_prefix)
+from eval.reward import rating_reward
+from model import load_model, load_tokenizer
+
+from . import distributed as dist
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_jsonl(path: Path, rows: list[dict]):
+    """One JSON object a line, written atomically."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path, stage_hint: str) -> list[dict]:
@@ -42,6 +51,18 @@ def read_jsonl(path: Path, stage_hint: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
     return rows
+
+
+class Target(NamedTuple):
+    """Where a profile is written or scored: a user at a time (item_id "" for a user-only profile)."""
+    user_id: str
+    item_id: str
+    timestamp: int
+
+
+def window_target(user: dict) -> Target:
+    """A user's profile is written from what came strictly before the first held-out interaction."""
+    return Target(user["user_id"], "", user["t_cut"])
 
 
 def user_windows(ds, heldout: int, min_history: int, limit: int | None = None) -> list[dict]:
@@ -69,7 +90,7 @@ def candidate_stream(seed: int, user_id: str, style: str, temperature: float, sa
 
 
 def explore(users, ds, hx, explorer: str, model, tokenizer, styles, temperatures, samples: int,
-            opt: P.HistoryOptions, max_new_tokens: int, max_prompt_tokens: int, seed: int = 0,
+            hist: HistoryOptions, max_new_tokens: int, max_prompt_tokens: int, seed: int = 0,
             batch_prompts: int = 8, progress: bool = True) -> list[dict]:
     """Candidate profiles of every user from one explorer model, for each prompt style and temperature."""
     from model.sampler import generate
@@ -79,18 +100,18 @@ def explore(users, ds, hx, explorer: str, model, tokenizer, styles, temperatures
     bar = tqdm(total=len(jobs) * len(users), desc=f"explore {Path(explorer).name}", disable=not progress)
     for style, temp in jobs:
         n = 1 if temp == 0 else samples
-        prefix = P.style_prefix(style)  # e.g. "Usually rates " for lg-rating: the explorer writes the rest
+        prefix = style_prefix(style)  # e.g. "Usually rates " for lg-rating: the explorer writes the rest
         for b in range(0, len(users), batch_prompts):
             chunk = users[b:b + batch_prompts]
-            prompts = [P.prompt_ids(tokenizer, P.profile_messages(style, hx, u["user_id"], "", u["t_cut"], opt, ""),
-                                    max_prompt_tokens, prefix) for u in chunk]
+            prompts = [encode_prompt(tokenizer, profile_messages(style, hx, ds, window_target(u), hist),
+                                     max_prompt_tokens, prefix) for u in chunk]
             seeds = [candidate_stream(seed, u["user_id"], style, temp, j) for u in chunk for j in range(n)]
             out = generate(model, prompts, max_new_tokens, temperature=temp, n=n, eos_ids=tokenizer.eos_ids,
                            pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, seeds=seeds)
             for r in range(len(chunk) * n):
                 u = chunk[r // n]
-                text = prefix + tokenizer.decode(out.tokens[r, :out.lengths[r]].tolist())
-                parsed, reason = P.parse_profile(style, text)
+                text = completion_text(tokenizer, out.tokens[r, :out.lengths[r]].tolist(), prefix)
+                parsed, reason = parse_profile(style, text)
                 rows.append({"user_id": u["user_id"], "explorer": explorer, "style": style, "temperature": temp,
                              "sample": r % n, "text": text, "profile": parsed[0] if parsed else None,
                              "parse": reason})
@@ -108,19 +129,21 @@ def score_candidates(candidates, users, ds, hx, recommender, review_chars: int =
         if cand["profile"] is None:
             continue
         for item_id, rating, t in window[cand["user_id"]]["heldout"]:
-            examples.append(P.rec_example(hx, ds, cand["user_id"], item_id, t, cand["profile"], None, review_chars))
+            examples.append(rec_example(hx, ds, Target(cand["user_id"], item_id, t), cand["profile"], None,
+                                        review_chars))
             owner.append((c, rating))
     y_hat, _ = recommender.score(examples) if examples else (torch.zeros(0), None)
-    errs: dict[int, list[float]] = {}
-    for (c, y), yh in zip(owner, y_hat.tolist()):
-        errs.setdefault(c, []).append(abs(y - yh))
+    y = torch.tensor([float(r) for _, r in owner])
+    rewards = rating_reward(y, y_hat.float()) if examples else torch.zeros(0)  # eval/reward.py: 1 - |y - y_hat| / 4
+    per: dict[int, list[tuple[float, float]]] = {}
+    for (c, _), err, r in zip(owner, (y - y_hat.float()).abs().tolist(), rewards.tolist()):
+        per.setdefault(c, []).append((err, r))
     out = []
     for c, cand in enumerate(candidates):
-        if c not in errs:
-            continue
-        e = errs[c]
-        mae = sum(e) / len(e)
-        out.append({**cand, "candidate": c, "mae": mae, "reward": 1 - mae / 4.0, "n_heldout": len(e)})
+        if c in per:
+            errs, rs = zip(*per[c])
+            out.append({**cand, "candidate": c, "mae": sum(errs) / len(errs), "reward": sum(rs) / len(rs),
+                        "n_heldout": len(errs)})
     return out
 
 
@@ -150,3 +173,72 @@ def select_pairs(scored: list[dict], mode: str = "best-worst", margin: float = 0
                               "chosen_from": f"{hi['explorer']}|{hi['style']}|T={hi['temperature']}",
                               "rejected_from": f"{lo['explorer']}|{lo['style']}|T={lo['temperature']}"})
     return pairs
+
+
+# ---- the stages (each reads the previous one's file, writes its own) ------------------------------------------
+def files(cfg):
+    r = Path(cfg.run_dir)
+    return {"explore": r / "candidates.jsonl", "score": r / "scores.jsonl", "pairs": r / "pairs.jsonl"}
+
+
+def dataset(cfg):
+    """The run's dataset (--data, or the synthetic default) and its history index."""
+    from data.default import default_dataset_dir
+
+    ds = load_dataset(cfg.data or default_dataset_dir())
+    return ds, HistoryIndex(ds)
+
+
+def history_options(cfg) -> HistoryOptions:
+    return HistoryOptions(cfg.user_history, 0, cfg.review_chars)
+
+
+def stage_explore(cfg, d: dist.Dist, ds, hx):
+    users = user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)
+    mine = users[d.rank::d.world]
+    rows = []
+    for k, src in enumerate(cfg.explorers):
+        model, tok = load_model(src, device=d.device), load_tokenizer(src)
+        rows += explore(mine, ds, hx, src, model, tok, cfg.styles, [float(t) for t in cfg.temperatures],
+                           cfg.samples, history_options(cfg), cfg.max_new_tokens, cfg.max_prompt_tokens,
+                           seed=cfg.seed + 7919 * k, progress=d.is_main)  # streams keyed by user, not rank
+        del model
+    rows = [r for part in dist.all_gather_objects(rows, d) for r in part]
+    if d.is_main:
+        write_jsonl(files(cfg)["explore"], rows)
+        ok = sum(r["profile"] is not None for r in rows)
+        print(f"explore: {len(rows)} candidates for {len(users)} users, {ok} parsed -> {files(cfg)['explore']}")
+
+
+def stage_score(cfg, d: dist.Dist, ds, hx):
+    from eval.recommender import Recommender
+
+    cands = read_jsonl(files(cfg)["explore"], "explore")
+    users = user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)
+    src = cfg.model if cfg.recommender == "reference" else cfg.recommender
+    rec = Recommender(load_model(src, device=d.device), load_tokenizer(src), device=d.device)
+    for c, cand in enumerate(cands):
+        cand["candidate"] = c
+    mine = cands[d.rank::d.world]
+    scored = score_candidates(mine, users, ds, hx, rec, cfg.review_chars, progress=d.is_main)
+    for s in scored:  # score_candidates numbers within its input: restore the global candidate id
+        s["candidate"] = mine[s["candidate"]]["candidate"]
+        s["neg_mae"] = -s["mae"]
+    rows = sorted((r for part in dist.all_gather_objects(scored, d) for r in part), key=lambda r: r["candidate"])
+    if d.is_main:
+        write_jsonl(files(cfg)["score"], rows)
+        print(f"score: {len(rows)} candidates scored -> {files(cfg)['score']}")
+
+
+def stage_pairs(cfg, d: dist.Dist, ds, hx):
+    if not d.is_main:
+        return
+    scored = read_jsonl(files(cfg)["score"], "score")
+    users = {u["user_id"]: u for u in user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)}
+    pairs = select_pairs(scored, cfg.pair_mode, cfg.pair_margin, key=cfg.pair_metric)
+    for p in pairs:
+        p["t_cut"] = users[p["user_id"]]["t_cut"]
+    write_jsonl(files(cfg)["pairs"], pairs)
+    print(f"pairs: {len(pairs)} pairs ({cfg.pair_mode}, margin {cfg.pair_margin}) -> {files(cfg)['pairs']}")
+
+

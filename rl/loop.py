@@ -1,5 +1,6 @@
-"""What GRPO and DPO training share: the data order, the models, the optimizer, and the outer loop with
-logging, validation, checkpoints and resume. A trainer supplies only its `step` and `validate` functions."""
+"""What the trainers share, as plain functions: the flags, the data order, the models, the optimizer and its
+schedule, resume, and the three questions of the loop (log, validate, save?). Each trainer writes its own loop
+in view: for step in range(start, end): step -> log -> validate -> save."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ from tqdm import tqdm
 
 from model import load_model, load_tokenizer
 
-from . import checkpoints as C
-from . import distributed as D
+from . import checkpoints
+from . import distributed as dist
 from .config import ConfigError, must, one_of, save_config
 from .optim import make_optimizer, make_scheduler
 from .tracking import Tracker
@@ -71,7 +72,7 @@ def step_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def rank_share(n_global: int, mini: int, d: D.Dist) -> list[int]:
+def rank_share(n_global: int, mini: int, d: dist.Dist) -> list[int]:
     """Positions in the global batch that this rank handles: its slice of every mini-batch, so that a global
     mini-batch is the same set of examples whatever the number of ranks."""
     if n_global % mini or mini % d.world:
@@ -92,7 +93,7 @@ class Models:
 
 
 def build_models(model_src: str, recommender: str, resume_from: Path | None, activation_checkpointing: bool,
-                 d: D.Dist) -> Models:
+                 d: dist.Dist) -> Models:
     """Policy (fp32 master weights; bf16 compute on CUDA through FSDP's policy), frozen reference, recommender.
 
     The reference is the starting model, frozen (eval mode, no grad, no optimizer state); `recommender ==
@@ -104,20 +105,27 @@ def build_models(model_src: str, recommender: str, resume_from: Path | None, act
     policy.gradient_checkpointing = activation_checkpointing
     frozen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     reference = load_model(model_src, dtype=frozen_dtype, device=d.device).requires_grad_(False)
-    policy, reference = D.shard(policy, d), D.shard(reference, d)
+    policy, reference = dist.shard(policy, d), dist.shard(reference, d)
     if recommender == "reference":
         return Models(policy, reference, tokenizer, reference, tokenizer)
-    rec = D.shard(load_model(recommender, dtype=frozen_dtype, device=d.device).requires_grad_(False), d)
+    rec = dist.shard(load_model(recommender, dtype=frozen_dtype, device=d.device).requires_grad_(False), d)
     return Models(policy, reference, tokenizer, rec, load_tokenizer(recommender))
 
 
-def run(cfg, d: D.Dist, models: Models, resume_from: Path | None, updates_per_step: int, step_fn, validate_fn,
-        progress_keys: dict[str, str], preset: str | None = None, desc: str = "train") -> dict:
-    """The outer loop: optimizer + schedule, resume, then for each step: step_fn -> log -> validate -> checkpoint.
+@dataclass
+class Run:
+    """A training run's state outside the model: optimizer, schedule, logger, and the steps this process runs."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    tracker: Tracker
+    start: int  # the first step to run (0, or the resumed checkpoint's step)
+    end: int  # one past the last step this process runs (max_steps, or start + stop_after)
 
-    step_fn(step, optimizer, scheduler, tracker) -> metrics dict (floats, identical on every rank)
-    validate_fn() -> metrics dict
-    """
+
+def start_run(cfg, d: dist.Dist, models: Models, resume_from: Path | None, updates_per_step: int,
+              preset: str | None = None) -> Run:
+    """Write the resolved config, build AdamW and its schedule (counted in optimizer updates), restore them and
+    the RNG from `resume_from`, open the logger on rank 0."""
     run_dir = Path(cfg.run_dir)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,40 +133,54 @@ def run(cfg, d: D.Dist, models: Models, resume_from: Path | None, updates_per_st
     optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps * updates_per_step, cfg.max_steps * updates_per_step,
                                cfg.lr_schedule)
-    start = C.load_training_state(resume_from, models.policy, optimizer, scheduler, d)["step"] if resume_from else 0
+    start = 0
+    if resume_from:
+        start = checkpoints.load_training_state(resume_from, models.policy, optimizer, scheduler, d)["step"]
     tracker = Tracker(run_dir, enabled=d.is_main)
     if preset:
         tracker.text("config", f"preset: {preset}\n\n{dataclasses.asdict(cfg)}", start)
     end = min(cfg.max_steps, start + cfg.stop_after) if cfg.stop_after else cfg.max_steps
-    bar = tqdm(range(start, end), initial=start, total=cfg.max_steps, disable=not d.is_main, desc=desc,
-               dynamic_ncols=True)
-    last: dict = {}
-    if cfg.val_every and start == 0 and (end > 0 or cfg.max_steps == 0):
-        # the starting point of the validation curve (step 0); --max-steps 0 only validates (e.g. a checkpoint
-        # given as --model, with --recommender naming the frozen recommender)
-        val = validate_fn()
-        tracker.scalars(val, 0, prefix="val/")
-        last = {f"val_{k}": v for k, v in val.items()}
-    for step in bar:
-        last = step_fn(step, optimizer, scheduler, tracker)
-        done = step + 1
-        tracker.scalars(last, done, prefix="train/")
-        bar.set_postfix({short: f"{last[k]:.4g}" for k, short in progress_keys.items() if k in last})
-        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.max_steps):
-            val = validate_fn()
-            tracker.scalars(val, done, prefix="val/")
-            last.update({f"val_{k}": v for k, v in val.items()})
-        if cfg.save_every and (done % cfg.save_every == 0 or done in (cfg.max_steps, end)):
-            C.save(run_dir, done, models.policy, models.tokenizer, optimizer, scheduler,
-                   {"config": dataclasses.asdict(cfg)}, d, keep=cfg.keep_checkpoints)
-    tracker.close()
-    return last
+    return Run(optimizer, scheduler, tracker, start, end)
+
+
+def progress_bar(run: Run, cfg, d: dist.Dist, desc: str):
+    return tqdm(range(run.start, run.end), initial=run.start, total=cfg.max_steps, disable=not d.is_main,
+                desc=desc, dynamic_ncols=True)
+
+
+def validate_first(cfg, run: Run) -> bool:
+    """Validate before the first step (the start of the curve); --max-steps 0 only validates."""
+    return bool(cfg.val_every) and run.start == 0 and (run.end > 0 or cfg.max_steps == 0)
+
+
+def validate_now(cfg, done: int) -> bool:
+    return bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.max_steps)
+
+
+def save_now(cfg, run: Run, done: int) -> bool:
+    return bool(cfg.save_every) and (done % cfg.save_every == 0 or done in (cfg.max_steps, run.end))
+
+
+def save(cfg, run: Run, models: Models, done: int, d: dist.Dist):
+    checkpoints.save(cfg.run_dir, done, models.policy, models.tokenizer, run.optimizer, run.scheduler,
+                     {"config": dataclasses.asdict(cfg)}, d, keep=cfg.keep_checkpoints)
+
+
+def log_validation(run: Run, val: dict, step: int) -> dict:
+    """Validation metrics to tensorboard under val/; returned as val_<name> for the run's summary line."""
+    run.tracker.scalars(val, step, prefix="val/")
+    return {f"val_{k}": v for k, v in val.items()}
+
+
+def show(bar, metrics: dict, keys: dict[str, str]):
+    """A few of the step's metrics on the progress bar, under short names."""
+    bar.set_postfix({short: f"{metrics[k]:.4g}" for k, short in keys.items() if k in metrics})
 
 
 def resume_point(cfg) -> Path | None:
     if not cfg.resume:
         return None
-    ckpt = C.latest_checkpoint(cfg.run_dir)
+    ckpt = checkpoints.latest_checkpoint(cfg.run_dir)
     if ckpt is None:
         print(f"--resume: no checkpoint under {cfg.run_dir}/checkpoints, starting from step 0")
     return ckpt

@@ -13,9 +13,7 @@ cached under --cache (key: method, generator weights' hash, user, item, prompt),
 """
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,9 @@ def parse_args(argv=None):
                    help="characters of each review shown to the profile writer (the trainers' --review-chars)")
     p.add_argument("--rec-history", type=int, default=10, help="recent interactions shown to the recommender")
     p.add_argument("--max-new-tokens", type=int, default=320, help="profile length limit")
+    p.add_argument("--response-prefix", default=None,
+                   help="text that opens the writer's answer (default: the method's own, 'Usually rates ' for "
+                        "lg-rating, none otherwise); give a GRPO writer the --response-prefix it was trained with")
     p.add_argument("--batch-size", type=int, default=8, help="recommender batch size")
     p.add_argument("--gen-batch-size", type=int, default=8, help="generator batch size")
     p.add_argument("--cache", default="out/profile_cache", help="profile cache folder")
@@ -96,13 +97,10 @@ def paired(dir_a, dir_b) -> dict:
 
 def write_results(out: Path, metrics: dict, rows: list[dict]):
     """metrics.json and predictions.jsonl into `out`, each written to a temp file in that folder then renamed."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(metrics, indent=2) + "\n"),
-                       ("predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out / name)
+    from data.io import write_text_atomic
+
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main(argv=None):
@@ -119,7 +117,7 @@ def main(argv=None):
 
     from data import load_dataset
     from data.history import HistoryIndex
-    from eval.profiles import ProfileCache, weights_hash
+    from eval.profile_cache import ProfileCache, weights_hash
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
 
@@ -147,7 +145,7 @@ def main(argv=None):
         cache = ProfileCache(a.cache, a.method, weights_hash(gen.source))
     kw = dict(recommender=rec, generator=gen, gen_tok=gen_tok, cache=cache, hist=HistoryIndex(ds),
               rec_history=a.rec_history, profile_history=a.profile_history, max_new_tokens=a.max_new_tokens,
-              review_chars=a.review_chars, gen_batch_size=a.gen_batch_size)
+              review_chars=a.review_chars, gen_batch_size=a.gen_batch_size, prefix=a.response_prefix)
     metrics, rows = evaluate_method(a.method, examples, ds, **kw)
     if a.negatives:
         _, neg_rows = evaluate_method(a.method, negative_examples(ds, examples, a.negatives), ds,

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -94,17 +92,9 @@ def main(argv=None):
                 results[i] = res
             bar.update(len(idx))
 
-    # atomic write: a temporary file in the same folder, then rename
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, prefix=args.output.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for res in results:
-                f.write(json.dumps(res, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from data.io import write_text_atomic
+
+    write_text_atomic(args.output, "".join(json.dumps(res, ensure_ascii=False) + "\n" for res in results))
     print(f"wrote {len(results)} lines to {args.output}")
 
 

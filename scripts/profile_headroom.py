@@ -66,8 +66,8 @@ def main(argv=None):
     from eval.metrics import paired_mae_difference
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
-    from rl import loop as L
-    from rl import profiles as P
+    from eval.profiles import rec_example
+    from rl.loop import epoch_order
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -76,7 +76,7 @@ def main(argv=None):
     rows = sorted(ds.split(a.split), key=lambda x: (x.timestamp, x.user_id))
     if not rows:
         raise SystemExit(f"split {a.split!r} of {a.data or 'the default dataset'} is empty")
-    rows = [rows[i] for i in L.epoch_order(len(rows), 0, a.seed)[:a.examples]]
+    rows = [rows[i] for i in epoch_order(len(rows), 0, a.seed)[:a.examples]]
     rec = Recommender(load_model(a.recommender), load_tokenizer(a.recommender))
     y = [float(x.rating) for x in rows]
     train = ds.split("train")
@@ -86,7 +86,7 @@ def main(argv=None):
     mf_of = {(x.user_id, x.item_id, x.timestamp): v for x, v in zip(rows, mf_pred)}
     preds = {}
     for name, (uf, itf) in templates(hx, fill, lambda x: mf_of[(x.user_id, x.item_id, x.timestamp)]).items():
-        ex = [P.rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, uf(x), itf(x)) for x in rows]
+        ex = [rec_example(hx, ds, x, uf(x), itf(x)) for x in rows]
         preds[name] = rec.score(ex)[0].tolist()
         d = paired_mae_difference(y, preds["none (10H)"], preds[name])
         print(f"{name:40s} MAE {d['mae_b']:.4f}  vs none {d['diff']:+.4f} +- {d['se']:.4f}  "

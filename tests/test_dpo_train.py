@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from model import load_model, load_tokenizer
 from rl.config import parse_config
-from rl.dpo_trainer import PRESETS, DPOConfig, encode_pairs, main, pair_logprobs
-from rl.lettingo import read_jsonl, select_pairs, write_jsonl_atomic
+from rl.dpo_trainer import PRESETS, DPOConfig, encode_pairs, pair_logprobs, train
+from rl.lettingo import read_jsonl, select_pairs, write_jsonl
 from rl.tracking import read_metrics
-from tests.tiny import one_thread, tiny_chat_model, tiny_dataset  # noqa: F401 (autouse fixture)
+from tests.tiny import one_thread, script_function, tiny_chat_model, tiny_dataset  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+run_stages = script_function("train_dpo", "run_stages")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def args_for(model, data, run_dir, *extra):
 
 def write_pairs(run_dir, data):
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(Path(run_dir) / "pairs.jsonl", toy_pairs(data))
+    write_jsonl(Path(run_dir) / "pairs.jsonl", toy_pairs(data))
 
 
 def run_script(args, nproc=1):
@@ -83,7 +84,7 @@ def test_dpo_learns_toy_pairs(tiny, tmp_path):
     model, data = tiny
     write_pairs(tmp_path, data)
     cfg = parse_config(DPOConfig, PRESETS, args_for(model, data, tmp_path, "--max-steps", "12", "--save-every", "0"))[0]
-    main(cfg)
+    train(cfg)
     ms = read_metrics(tmp_path)
     assert len(ms) == 12
     assert ms[0]["train/reward_margin"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
@@ -133,7 +134,7 @@ def test_encode_pairs_style_prefix_ends_the_prompt(tiny):
     pairs[1].update(chosen="Usually rates", rejected="Usually rates 1/5 and hates noise.")
     cfg = parse_config(DPOConfig, PRESETS, ["--train-style", "lg-rating", "--user-history", "3",
                                             "--review-chars", "30", "--max-prompt-tokens", "4096"])[0]
-    enc = encode_pairs(pairs, tok, HistoryIndex(ds), cfg)
+    enc = encode_pairs(pairs, tok, ds, HistoryIndex(ds), cfg)
     eos = tok.eos_token_id
     opener = tok.encode("Usually rates ", add_special_tokens=False)
     for (prompt, c, r), p in zip(enc, pairs):
@@ -148,7 +149,7 @@ def test_encode_pairs_style_prefix_ends_the_prompt(tiny):
     # a profile from another style has no prefix to continue: the error names the pair and the side
     pairs[1]["rejected"] = "Likes rock."
     with pytest.raises(ValueError, match="pair 2: the rejected profile"):
-        encode_pairs(pairs, tok, HistoryIndex(ds), cfg)
+        encode_pairs(pairs, tok, ds, HistoryIndex(ds), cfg)
 
 
 def test_stages_explore_score_pairs(tiny, tmp_path):
@@ -159,7 +160,7 @@ def test_stages_explore_score_pairs(tiny, tmp_path):
             "--temperatures", "0.8", "1.5", "--samples", "2", "--user-history", "3", "--review-chars", "30",
             "--max-new-tokens", "16", "--max-prompt-tokens", "4096", "--device", "cpu", "--pair-margin", "0"]
     cfg = parse_config(DPOConfig, PRESETS, base + ["--stage", "explore"])[0]
-    main(cfg)
+    run_stages(cfg)
     cands = read_jsonl(tmp_path / "candidates.jsonl", "explore")
     assert len(cands) == 4 * 2 * 2 * 2  # users x styles x temperatures x samples
     assert {c["style"] for c in cands} == {"lg", "lg-rating"} and all(c["explorer"] == str(model) for c in cands)
@@ -167,16 +168,16 @@ def test_stages_explore_score_pairs(tiny, tmp_path):
     rated = [c for c in cands if c["style"] == "lg-rating"]
     assert all(c["text"].startswith("Usually rates ") and c["profile"].startswith("Usually rates ") for c in rated)
     assert not any(c["text"].startswith("Usually rates ") for c in cands if c["style"] == "lg")
-    main(parse_config(DPOConfig, PRESETS, base + ["--stage", "score"])[0])
+    run_stages(parse_config(DPOConfig, PRESETS, base + ["--stage", "score"])[0])
     scores = read_jsonl(tmp_path / "scores.jsonl", "score")
     assert scores and all(0 <= s["mae"] <= 4 and s["n_heldout"] == 2 for s in scores)
-    main(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])
+    run_stages(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])
     pairs = read_jsonl(tmp_path / "pairs.jsonl", "pairs")
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     # a stage whose input is missing names the file and the stage to run
     (tmp_path / "scores.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="scores.jsonl.*score"):
-        main(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])
+        run_stages(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])
 
 
 def test_validate_pairs_profiles_against_no_profile(tiny):
@@ -186,8 +187,9 @@ def test_validate_pairs_profiles_against_no_profile(tiny):
     from data import load_dataset
     from data.history import HistoryIndex
     from eval.recommender import Recommender
-    from rl import distributed as D
-    from rl import profiles as P
+    from eval.profiles import HistoryOptions, rec_example
+    from rl.distributed import Dist
+    from rl.validation import validate
 
     model_dir, data_dir = tiny
     ds = load_dataset(data_dir)
@@ -195,15 +197,43 @@ def test_validate_pairs_profiles_against_no_profile(tiny):
     tok = load_tokenizer(model_dir)
     policy, rec = load_model(model_dir), Recommender(load_model(model_dir), tok, batch_size=4)
     targets = sorted(ds.split("valid"), key=lambda x: (x.timestamp, x.user_id))[:6]
-    opt = P.HistoryOptions(3, 2, 40)
-    run = lambda gen_batch: P.validate(policy, tok, rec, ds, hx, targets, "lg", opt, D.Dist(), 12, 4096,  # noqa: E731
-                                       gen_batch=gen_batch)
+    hist = HistoryOptions(3, 2, 40)
+    run = lambda gen_batch: validate(policy, tok, rec, ds, hx, targets, "lg", hist, Dist(), 12, 4096,  # noqa: E731
+                                     gen_batch=gen_batch)
     m = run(32)
     assert m["format_failures"] == 0 and m["n"] == len(targets)  # the free-text parser takes any non-empty answer
-    y_none, _ = rec.score([P.rec_example(hx, ds, x.user_id, x.item_id, x.timestamp, None, None, opt.review_chars)
-                           for x in targets])
+    y_none, _ = rec.score([rec_example(hx, ds, x, None, None, hist.review_chars) for x in targets])
     mae_none = sum(abs(x.rating - float(y)) for x, y in zip(targets, y_none)) / len(targets)
     assert abs(m["mae_none"] - mae_none) < 1e-5
     assert abs(m["mae_vs_none"] - (m["mae"] - m["mae_none"])) < 1e-5 and m["mae_vs_none_se"] >= 0
     chunked = run(4)  # two generate calls (4 + 2 prompts)
     assert all(abs(chunked[k] - m[k]) < 1e-4 for k in ("mae", "mae_none", "mae_vs_none", "reward"))
+
+
+@pytest.mark.parametrize("style", ["lg", "duet"])
+def test_validation_and_evaluate_give_the_same_numbers(tiny, style):
+    """Training's validation and scripts/evaluate.py's pipeline write, parse and score profiles on the same path:
+    the same examples give the same metrics (duet: every profile fails on the tiny model, so the fallback too)."""
+    from data import load_dataset
+    from data.history import HistoryIndex
+    from eval.evaluate import build_examples, evaluate_method
+    from eval.profiles import HistoryOptions
+    from eval.recommender import Recommender
+    from rl.distributed import Dist
+    from rl.validation import validate
+
+    model_dir, data_dir = tiny
+    ds = load_dataset(data_dir)
+    hx = HistoryIndex(ds)
+    tok = load_tokenizer(model_dir)
+    policy, rec = load_model(model_dir), Recommender(load_model(model_dir), tok, batch_size=4)
+    examples = build_examples(ds, "valid", limit=6)
+    stop = ("</item_profile>",) if style == "duet" else ()
+    val = validate(policy, tok, rec, ds, hx, examples, style, HistoryOptions(3, 2, 40), Dist(), 12, 4096,
+                   stop_texts=stop)
+    ev, _ = evaluate_method(style, examples, ds, recommender=rec, generator=policy, gen_tok=tok, hist=hx,
+                            profile_history=3, item_history=2, review_chars=40, max_new_tokens=12)
+    keys = ("n", "format_failures", "mae_fallback") + (("mae", "rmse", "acc", "f1_macro_5") if style == "lg" else ())
+    assert val["n"] + val["format_failures"] == len(examples)
+    for k in keys:
+        assert ev[k] == pytest.approx(val[k], abs=1e-6), k

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from data import load_dataset
+from data.history import HistoryIndex
 from eval import evaluate as E
-from eval import profiles as PR
-from eval.profiles import ProfileCache, weights_hash
+from eval.profile_cache import ProfileCache, weights_hash
+from eval.profiles import HistoryOptions, write_profiles
 from eval.recommender import Recommender
 from model import load_model, load_tokenizer
 
@@ -74,22 +75,27 @@ def test_cache_roundtrip_and_keys(tmp_path):
     assert again.get("u", "i", "p") == "text one" and len(again) == 1
 
 
-def test_cached_generate_generates_each_prompt_once(tmp_path, monkeypatch):
+def test_cached_profiles_generate_each_prompt_once(ds_dir, tmp_path, monkeypatch):
     calls = []
 
-    def fake(model, tok, prompts, max_new_tokens, batch_size, seed=0, progress=None, stop_texts=()):
-        calls.extend(prompts)
-        return [f"answer to {p}" for p in prompts]
+    def fake(model, tok, prompts, max_new_tokens, **k):
+        calls.extend(tuple(p) for p in prompts)
+        return [f"answer to a prompt of {len(p)} tokens" for p in prompts]
 
-    monkeypatch.setattr(PR, "generate_texts", fake)
-    c = ProfileCache(tmp_path, "lg", "x" * 64)
-    reqs = [("u1", "", "P1"), ("u2", "", "P2"), ("u1", "", "P1")]
-    assert PR.cached_generate(reqs, None, None, c) == ["answer to P1", "answer to P2", "answer to P1"]
-    assert calls == ["P1", "P2"]
+    monkeypatch.setattr(E, "write_profiles", fake)
+    ds = load_dataset(ds_dir)
+    ex = E.build_examples(ds, "test")
+    ex = ex + ex[:1]  # the same example twice: one prompt
+    tok = load_tokenizer(STORIES)
+
+    def run():
+        return E.cached_profiles("lg", ex, ds, HistoryIndex(ds), object(), tok, ProfileCache(tmp_path, "lg", "x" * 64),
+                                 HistoryOptions(), 32, 100_000)
+
+    first = run()
+    assert len(calls) == len(set(calls)) == 3 and first[0] == first[3]
     calls.clear()
-    c2 = ProfileCache(tmp_path, "lg", "x" * 64)  # a rerun: everything comes from disk
-    assert PR.cached_generate(reqs + [("u3", "", "P1")], None, None, c2)[3] == "answer to P1"
-    assert calls == []
+    assert run() == first and calls == []  # a rerun: everything comes from disk
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found")
@@ -108,8 +114,8 @@ def test_weights_hash_stable_and_sensitive(tmp_path):
 
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found")
 def run_with_fake_generator(method, fake, ds_dir, tmp_path, monkeypatch):
-    """evaluate_method on the test split with `fake` standing in for generate_texts; stories260K recommends."""
-    monkeypatch.setattr(PR, "generate_texts", fake)
+    """evaluate_method on the test split with `fake` standing in for write_profiles; stories260K recommends."""
+    monkeypatch.setattr(E, "write_profiles", fake)
     ds = load_dataset(ds_dir)
     ex = E.build_examples(ds, "test")
     tok = load_tokenizer(STORIES)
@@ -164,7 +170,9 @@ def test_lg_rating_answer_opens_with_its_prefix(ds_dir, tmp_path, monkeypatch):
         return ["4/5. Likes calm jazz." for _ in prompts]
 
     _, _, _, (m, rows) = run_with_fake_generator("lg-rating", fake, ds_dir, tmp_path, monkeypatch)
-    assert seen and all(q.endswith("Usually rates ") and "Begin with the rating" in q for q in seen)
+    tok = load_tokenizer(STORIES)
+    opener = tok.encode("Usually rates ", add_special_tokens=False)
+    assert seen and all(q[-len(opener):] == opener and "Begin with the rating" in tok.decode(q) for q in seen)
     assert m["n"] == 3 and m["format_failures"] == 0
     assert all(r["user_profile"] == "Usually rates 4/5. Likes calm jazz." for r in rows)
     assert all("(User profile: Usually rates 4/5. Likes calm jazz.)" in r["prompt"] for r in rows)
@@ -222,13 +230,14 @@ def test_script_out_and_compare(ds_dir, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found")
-def test_generate_texts_greedy_matches_transformers():
+def test_write_profiles_greedy_matches_transformers():
     import torch
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(STORIES)
     prompts = ["Once upon a time", "Lily and Tom went to the park. They"]
-    got = PR.generate_texts(load_model(STORIES), tok, prompts, max_new_tokens=12, batch_size=2)
+    got = write_profiles(load_model(STORIES), tok, [tok.encode(p, add_special_tokens=False) for p in prompts],
+                         max_new_tokens=12, batch_size=2)
     hf = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
     for p, g in zip(prompts, got):
         ids = torch.tensor([tok.encode(p, add_special_tokens=False)])

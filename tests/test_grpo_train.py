@@ -87,11 +87,28 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 8  # 2 updates per step
 
 
+# the trainer in a child process whose checkpoint writer pauses after the model files of step 2, before the rename
+SLOW_SAVE = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+import rl.checkpoints as checkpoints
+real = checkpoints.save_checkpoint
+def slow(out_dir, *a, **k):
+    real(out_dir, *a, **k)
+    if ".step_2." in str(out_dir):
+        time.sleep(60)
+checkpoints.save_checkpoint = slow
+sys.argv = {argv!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
 def test_kill_while_writing_checkpoint_keeps_previous(tmp_path):
     run = tmp_path / "run"
     args = [*TOY, "--max-steps", "3", "--save-every", "1", "--run-dir", str(run)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROFILES_CHECKPOINT_PAUSE": "2"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/train_grpo.py"), *args], cwd=ROOT, env=env,
+    script = str(ROOT / "scripts/train_grpo.py")
+    child = SLOW_SAVE.format(root=str(ROOT), argv=[script, *args], script=script)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:  # step_1 is complete and the temporary directory of step_2 exists: kill now
@@ -144,13 +161,12 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     from data import load_dataset
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
-    from rl import profiles as P
+    from eval.profiles import HistoryOptions, rec_example
     from rl.duet_env import DuetEnv
 
     ds, tok, ref = load_dataset(data), load_tokenizer(model), load_model(model)
-    env = DuetEnv(ds, tok, Recommender(ref, tok), P.HistoryOptions(3, 2, 40), 4096, 24, val_examples=4)
-    y_hat, _ = env.rec.score([P.rec_example(env.hx, ds, x.user_id, x.item_id, x.timestamp, None, None, 40)
-                              for x in env.valid])
+    env = DuetEnv(ds, tok, Recommender(ref, tok), HistoryOptions(3, 2, 40), 4096, 24, val_examples=4)
+    y_hat, _ = env.rec.score([rec_example(env.hx, ds, x, None, None, 40) for x in env.valid])
     mae_10h = sum(abs(x.rating - float(y)) for x, y in zip(env.valid, y_hat)) / len(env.valid)
     assert abs(last["val_mae_fallback"] - mae_10h) < 1e-4 and abs(rows[0]["val/mae_fallback"] - mae_10h) < 1e-4
     from transformers import AutoModelForCausalLM
@@ -166,40 +182,46 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     assert not (tmp_path / "val/checkpoints").exists()
 
 
+def score_texts(env, episode, texts):
+    """env.score on one episode whose G completions are the token ids of `texts` -> (rewards, failed)."""
+    episode.completions = [env.tok.encode(t, add_special_tokens=False) for t in texts]
+    env.score([episode])
+    return episode.rewards, episode.failed
+
+
 def test_duet_env_rewards_parsed_profiles(tmp_path):
     """score(): a well-formed completion is rated by the recommender from its two profiles; a malformed one fails."""
     from data import load_dataset
+    from eval.profiles import HistoryOptions, profile_messages, rec_example
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
-    from rl import profiles as P
     from rl.duet_env import DuetEnv
 
     path = tiny_chat_model(tmp_path / "tiny")
     ds = load_dataset(tiny_dataset(tmp_path / "data"))
     model, tok = load_model(path), load_tokenizer(path)
     rec = Recommender(model, tok, batch_size=2)
-    env = DuetEnv(ds, tok, rec, P.HistoryOptions(3, 2, 40), 4096, 16, val_examples=2)
+    env = DuetEnv(ds, tok, rec, HistoryOptions(3, 2, 40), 4096, 16, val_examples=2)
     ep = env.episode(0)
     x = ep.meta["target"]
     good = ("<user_profile><cue>likes rock</cue><constructed_prompt>Describe the user.</constructed_prompt>"
             "<profile>Loves loud rock.</profile></user_profile>\n<item_profile><cue>rock</cue><constructed_prompt>"
             "Describe the item.</constructed_prompt><profile>A loud rock album.</profile></item_profile>")
     bad = good.replace("</item_profile>", "")
-    rewards, failed, _ = env.score([ep], [[1], [1]], [good, bad])
+    rewards, failed = score_texts(env, ep, [good, bad])
     assert failed.tolist() == [False, True]
-    y_hat, _ = rec.score([P.rec_example(env.hx, ds, x.user_id, x.item_id, x.timestamp, "Loves loud rock.",
-                                        "A loud rock album.", 40)])
+    y_hat, _ = rec.score([rec_example(env.hx, ds, x, "Loves loud rock.", "A loud rock album.", 40)])
     assert abs(float(rewards[0]) - (1 - abs(x.rating - float(y_hat[0])) / 4)) < 1e-5
-    assert ep.prompt_ids == tok.encode_chat(P.profile_messages("duet", env.hx, x.user_id, x.item_id, x.timestamp,
-                                                                env.opt, ds.items[x.item_id].title))
+    assert ep.prompt_ids == tok.encode_chat(profile_messages("duet", env.hx, ds, x, env.hist))
+    assert "Describe" in ep.texts[0] and ep.texts[0] == good  # what the environment read
     # a rollout stopped at "</item_profile>" whose last token carries more characters parses up to the stop
     # text; without a stop text the same characters are trailing text, a failure
-    stopped = DuetEnv(ds, tok, rec, P.HistoryOptions(3, 2, 40), 4096, 16, val_examples=2,
+    stopped = DuetEnv(ds, tok, rec, HistoryOptions(3, 2, 40), 4096, 16, val_examples=2,
                       stop_text="</item_profile>")
     assert stopped.stop_texts == ("</item_profile>",) and env.stop_texts == ()
-    r_stop, f_stop, _ = stopped.score([ep], [[1], [1]], [good + "></", good + "\nProduct"])
+    r_stop, f_stop = score_texts(stopped, ep, [good + "></", good + "\nProduct"])
     assert f_stop.tolist() == [False, False] and r_stop.tolist() == pytest.approx([float(rewards[0])] * 2, abs=1e-5)
-    assert env.score([ep], [[1], [1]], [good + "></", good])[1].tolist() == [True, False]
+    assert score_texts(env, ep, [good + "></", good])[1].tolist() == [True, False]
     from data.prompts import cut_after
 
     assert cut_after("a</x>b</x>c", ["</x>"]) == "a</x>" and cut_after("abc", ["</x>"]) == "abc"
@@ -210,24 +232,24 @@ def test_format_progress_and_graded_failure_reward(tmp_path):
     from data import load_dataset
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
-    from rl import profiles as P
+    from eval.profiles import HistoryOptions, format_progress
     from rl.duet_env import DuetEnv
 
     side = "<{0}><cue>a</cue><constructed_prompt>b</constructed_prompt><profile>c</profile></{0}>"
-    assert P.format_progress(side.format("user_profile") + side.format("item_profile")) == 1.0
-    assert P.format_progress(side.format("user_profile")) == 0.5
-    assert P.format_progress("<user_profile><cue>x</cue> and then nothing") == 1 / 8
-    assert P.format_progress("<user_profile><cue> </cue>") == 0.0  # an empty field does not count
+    assert format_progress(side.format("user_profile") + side.format("item_profile")) == 1.0
+    assert format_progress(side.format("user_profile")) == 0.5
+    assert format_progress("<user_profile><cue>x</cue> and then nothing") == 1 / 8
+    assert format_progress("<user_profile><cue> </cue>") == 0.0  # an empty field does not count
     path = tiny_chat_model(tmp_path / "tiny")
     ds = load_dataset(tiny_dataset(tmp_path / "data"))
     model, tok = load_model(path), load_tokenizer(path)
-    env = DuetEnv(ds, tok, Recommender(model, tok), P.HistoryOptions(3, 2, 40), 4096, 16, 2,
+    env = DuetEnv(ds, tok, Recommender(model, tok), HistoryOptions(3, 2, 40), 4096, 16, 2,
                   response_prefix="<user_profile><cue>", format_reward="graded")
     ep = env.episode(0)
     assert ep.prompt_ids[-len(tok.encode("<user_profile><cue>", add_special_tokens=False)):] == \
         tok.encode("<user_profile><cue>", add_special_tokens=False)
     # the completion continues the prefix: 'x</cue>' completes 1 of 8 pairs -> -1 * (1 - 1/8)
-    rewards, failed, _ = env.score([ep], [[1], [1]], ["x</cue> nothing else", "no tags"])
+    rewards, failed = score_texts(env, ep, ["x</cue> nothing else", "no tags"])
     assert failed.tolist() == [True, True]
     assert rewards.tolist() == pytest.approx([-7 / 8, -1.0])
 

@@ -19,7 +19,7 @@ from rl.dpo import dpo_loss, sequence_logprob
 from rl.grpo_trainer import PRESETS, GRPOConfig, train
 from rl.rollout import batched_logprobs, make_batch
 from rl.tracking import read_metrics
-from tests.tiny import STORIES, one_thread, tiny_chat_model, tiny_dataset  # noqa: F401 (autouse fixture)
+from tests.tiny import STORIES, one_thread, script_function, tiny_chat_model, tiny_dataset  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 # one mini-batch of 4 prompts x G 4 = 16 rows per step; --grad-clip large so clipping never rescales
@@ -141,7 +141,7 @@ def test_lettingo_candidates_draw_from_their_own_streams(tmp_path, monkeypatch):
     from data import load_dataset
     from data.history import HistoryIndex
     from rl import lettingo as LG
-    from rl.profiles import HistoryOptions
+    from eval.profiles import HistoryOptions
 
     model_dir, data = tiny_chat_model(tmp_path / "m"), tiny_dataset(tmp_path / "d")
     ds = load_dataset(data)
@@ -156,7 +156,7 @@ def test_lettingo_candidates_draw_from_their_own_streams(tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "generate", spy)
     m, tok = load_model(model_dir), load_tokenizer(model_dir)
-    kw = dict(opt=HistoryOptions(3, 0, 30), max_new_tokens=6, max_prompt_tokens=4096, seed=5, progress=False)
+    kw = dict(hist=HistoryOptions(3, 0, 30), max_new_tokens=6, max_prompt_tokens=4096, seed=5, progress=False)
     rows = LG.explore(users, ds, hx, "tiny", m, tok, ["lg", "kar"], [0.7, 1.2], 2, batch_prompts=2, **kw)
     assert len(seen) == len(rows) == 3 * 2 * 2 * 2 and len(set(seen)) == len(seen)
     # one user alone, in another batch: the same texts as in the full run
@@ -177,22 +177,13 @@ DPO_BAD = [("--beta", "0"), ("--label-smoothing", "0.7"), ("--loss-type", "hinge
            ("--pairs-per-step", "0"), ("--max-new-tokens", "1"), ("--lr", "0")]
 
 
-def entry_point(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
 @pytest.mark.parametrize("script,flag,value", [("train_grpo", f, v) for f, v in GRPO_BAD]
                          + [("train_dpo", f, v) for f, v in DPO_BAD])
 def test_bad_flag_exits_2_naming_it(script, flag, value, capsys, tmp_path, monkeypatch):
     """Checked before anything loads: exit status 2 and one line naming the flag; nothing is written."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        entry_point(script)([flag, value, "--run-dir", str(tmp_path / "run")])
+        script_function(script, "main")([flag, value, "--run-dir", str(tmp_path / "run")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and flag in err and "Traceback" not in err

@@ -14,6 +14,17 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<assistant>\n{% endif %}")
 
 
+def script_function(script: str, name: str):
+    """A function of an entry point in scripts/ (they are files, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{script}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return getattr(mod, name)
+
+
 def tiny_chat_model(dest: Path) -> Path:
     dest = Path(dest)
     if not (dest / "config.json").exists():
