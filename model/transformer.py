@@ -201,10 +201,19 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype forward computes in (activations, keys, values): the param_dtype of an FSDP mixed-precision
+        policy on this module, else the weights' own. Under FSDP the weights seen outside forward are the fp32
+        sharded masters; forward multiplies by their gathered copies in param_dtype."""
+        fsdp_state = self._get_fsdp_state() if hasattr(self, "_get_fsdp_state") else None  # set by fully_shard
+        param_dtype = getattr(getattr(fsdp_state, "_mp_policy", None), "param_dtype", None)
+        return param_dtype or self.model.embed_tokens.weight.dtype
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.model.embed_tokens.weight
+        """An empty cache for `batch` rows of up to `max_len` positions, in the dtype forward writes into it."""
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, w.dtype, w.device)
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, self.compute_dtype(),
+                       self.model.embed_tokens.weight.device)
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
