@@ -50,6 +50,20 @@ def teardown():
         dist.destroy_process_group()
 
 
+@contextmanager
+def local_main_first(d: Dist):
+    """Local rank 0 runs the body first, every other rank after it (a barrier): a model source is converted or
+    downloaded into the node's cache once, and the other ranks find it there. Without a process group: just
+    the body."""
+    if d.enabled and d.local_rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:  # even when the body failed: the others then try, and fail with their own error, not a hang
+        if d.enabled and d.local_rank == 0:
+            dist.barrier()
+
+
 def exit_if_distributed():
     """End a torchrun worker right after its work: skip the interpreter's shutdown, where a gloo worker once
     aborted with "terminate called without an active exception" after the process group was destroyed and

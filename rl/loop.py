@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import load_model, load_tokenizer
+from model import load_model, load_tokenizer, resolve_model
 
 from . import checkpoints as C
 from . import distributed as D
@@ -84,6 +84,9 @@ def build_models(model_src: str, recommender: str, resume_from: Path | None, act
     The reference is the starting model, frozen (eval mode, no grad, no optimizer state); `recommender ==
     'reference'` makes it the recommender too, so one frozen copy serves both.
     """
+    with D.local_main_first(d):  # each source is converted or downloaded once per node
+        for source in dict.fromkeys(s for s in (model_src, recommender) if s != "reference"):
+            resolve_model(source)
     tokenizer = load_tokenizer(model_src)
     policy = load_model(str(resume_from / "model") if resume_from else model_src, dtype=torch.float32,
                         device=d.device)
