@@ -11,6 +11,7 @@ from transformers import Qwen3Config
 from model.config import ModelConfig
 from model.sampler import generate
 from model.transformer import Transformer
+from rl import distributed as D
 from tests.tiny import one_thread  # noqa: F401 (autouse fixture)
 
 # a tiny Qwen3 (q/k norms, free head_dim) with grouped-query attention, random weights
@@ -51,3 +52,28 @@ def test_generate_under_bf16_mixed_precision():
     assert model.compute_dtype() == torch.bfloat16
     plain = tiny_qwen3()
     assert plain.compute_dtype() == torch.float32 and plain.new_cache(1, 4).k[0].dtype == torch.float32
+
+
+def is_sharded(p) -> bool:
+    return isinstance(p, DTensor)
+
+
+def test_gathered_gives_back_each_modules_reshard_setting():
+    """After a rollout under gathered() (here the model's first forward, as in a GRPO step) the blocks reshard
+    after forward and the root keeps its parameters (embeddings, head) gathered, as before: a training forward
+    does not all-gather them anew. A setting changed by hand is given back too."""
+    model = D.fully_shard_model(tiny_qwen3())
+    block, head = model.model.layers[0].mlp.up_proj, model.lm_head
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), D.gathered(model):
+        model(ids)
+        assert not is_sharded(block.weight) and not is_sharded(head.weight)
+    assert is_sharded(block.weight) and is_sharded(head.weight)  # resharded on leaving
+    with torch.no_grad():
+        model(ids)
+    assert is_sharded(block.weight) and not is_sharded(head.weight)
+    assert [D.reshards_after_forward(m) for m in D.fsdp_modules(model)] == [False, True, True]
+    model.set_reshard_after_forward(True, recurse=False)
+    with torch.no_grad(), D.gathered(model):
+        model(ids)
+    assert [D.reshards_after_forward(m) for m in D.fsdp_modules(model)] == [True, True, True]
