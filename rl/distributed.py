@@ -77,18 +77,19 @@ def exit_if_distributed():
         os._exit(0)
 
 
-def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+def shard(model: torch.nn.Module, d: Dist, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """`fully_shard_model` under a process group of several ranks; else the model as it is.
 
-    On CUDA the compute runs in bf16 with gradients reduced in fp32; the sharded master weights stay fp32.
+    The sharded weights keep their dtype (fp32 masters for the policy); a lower compute_dtype (bf16) is FSDP's
+    param_dtype (the gathered copies forward multiplies by), with gradients reduced in fp32.
     """
     if not d.enabled:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     mp = None
-    if d.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     return fully_shard_model(model, mp)
 
 

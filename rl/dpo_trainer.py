@@ -106,7 +106,7 @@ def stage_explore(cfg, d: D.Dist, ds, hx):
     mine = users[d.rank::d.world]
     rows = []
     for k, src in enumerate(cfg.explorers):
-        model, tok = load_model(src, device=d.device), load_tokenizer(src)
+        model, tok = load_model(src, L.resolve_dtype(cfg.dtype, d.device), d.device), load_tokenizer(src)
         rows += LG.explore(mine, ds, hx, src, model, tok, cfg.styles, [float(t) for t in cfg.temperatures],
                            cfg.samples, _opt(cfg), cfg.max_new_tokens, cfg.max_prompt_tokens,
                            seed=cfg.seed + 7919 * k + 104729 * d.rank, progress=d.is_main)
@@ -124,7 +124,8 @@ def stage_score(cfg, d: D.Dist, ds, hx):
     cands = LG.read_jsonl(_files(cfg)["explore"], "explore")
     users = LG.user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)
     src = cfg.model if cfg.recommender == "reference" else cfg.recommender
-    rec = Recommender(load_model(src, device=d.device), load_tokenizer(src), device=d.device)
+    rec = Recommender(load_model(src, L.resolve_dtype(cfg.dtype, d.device), d.device), load_tokenizer(src),
+                      device=d.device)
     for c, cand in enumerate(cands):
         cand["candidate"] = c
     mine = cands[d.rank::d.world]
@@ -214,7 +215,8 @@ def stage_train(cfg, d: D.Dist, ds, hx, preset=None) -> dict:
     if not pairs:
         raise ValueError(f"{_files(cfg)['pairs']} holds no pairs: explore more candidates or lower --pair-margin")
     resume_from = L.resume_point(cfg)
-    models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
+    models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d,
+                            cfg.dtype)
     encoded = encode_pairs(pairs, models.tokenizer, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json")
 

@@ -107,7 +107,8 @@ def train(cfg: GRPOConfig, preset: str | None = None, env=None) -> dict:
     check_sizes(cfg)
     torch.manual_seed(cfg.seed)
     resume_from = L.resume_point(cfg)
-    models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d)
+    models = L.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d,
+                            cfg.dtype)
     env = env or make_env(cfg, models, d)
     updates_per_step = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.mini_batch_prompts)
 

@@ -274,3 +274,26 @@ def test_chat_prompts_render_with_thinking_off():
     tok.hf.chat_template = CHAT_TEMPLATE
     assert tok.render_chat(msgs, thinking=False) == tok.render_chat(msgs, thinking=True) == \
         "<user>\nDescribe the user.\n<assistant>\n"
+
+
+def test_autocast_dtype_computes_in_bf16_over_fp32_weights(family):
+    """autocast_dtype: bf16 matmuls and logits, a bf16 KV cache, fp32 gradients on the fp32 weights; close to
+    the fp32 forward."""
+    _, path, _ = family
+    m = load_model(path)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+    m.autocast_dtype = torch.bfloat16
+    assert m.compute_dtype() == torch.bfloat16
+    with torch.no_grad():
+        low = m(ids, attention_mask=mask)
+        cache = m.new_cache(batch=3, max_len=ids.shape[1])
+        m(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)
+        step = m(ids[:, 6:7], attention_mask=mask[:, :7], kv_cache=cache)
+    assert low.dtype == step.dtype == cache.k[0].dtype == torch.bfloat16
+    real = mask.bool()
+    assert (low[real].float() - full[real]).abs().max() <= 0.05
+    assert (step[:, 0].float() - full[:, 6]).abs().max() <= 0.05
+    m(ids, attention_mask=mask).float().logsumexp(-1).sum().backward()
+    assert m.lm_head.weight.grad.dtype == torch.float32 and m.lm_head.weight.dtype == torch.float32
