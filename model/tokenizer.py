@@ -7,8 +7,13 @@ from pathlib import Path
 
 
 class Tokenizer:
-    def __init__(self, hf, stop_ids: list[int] | None = None):
+    """thinking: whether rendered chat prompts leave a reasoning model (Qwen3) free to open a <think> block.
+    Off by default: its template then closes an empty one right after the generation prompt, so answers start
+    with the answer itself. Templates that do not know the `enable_thinking` variable ignore it."""
+
+    def __init__(self, hf, stop_ids: list[int] | None = None, thinking: bool = False):
         self.hf = hf
+        self.thinking = thinking
         ids = [] if hf.eos_token_id is None else [hf.eos_token_id]
         for i in stop_ids or []:
             if i not in ids:
@@ -58,15 +63,20 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages [{"role", "content"}] with the model's own chat template, as text."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    thinking: bool | None = None) -> str:
+        """Render messages [{"role", "content"}] with the model's own chat template, as text.
+        thinking: None = self.thinking (see the class docstring)."""
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template; pass raw text prompts instead")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        thinking = self.thinking if thinking is None else thinking
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           enable_thinking=thinking)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    thinking: bool | None = None) -> list[int]:
         # the template already writes any BOS it wants: no second one from the tokenizer
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, thinking), add_special_tokens=False)
 
     def save(self, out_dir: str | Path):
         self.hf.save_pretrained(str(out_dir))

@@ -6,6 +6,7 @@ D hidden size, hd head dim, V vocabulary (embedding rows).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -181,6 +182,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        # fp32 master weights computing in bf16 without FSDP: forward runs under torch.autocast(this dtype), so
+        # the matmuls (and the lm_head's logits) are bf16 while norms, RoPE and the residual stream stay fp32.
+        # None: compute in the weights' dtype (or FSDP's param_dtype).
+        self.autocast_dtype: torch.dtype | None = None
 
     # ---- construction helpers -------------------------------------------------------------------------------
     def reset_rope(self):
@@ -201,10 +206,22 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype forward computes in (matmul outputs, keys, values): `autocast_dtype` when set, else the
+        param_dtype of an FSDP mixed-precision policy on this module, else the weights' own. Under FSDP the
+        weights seen outside forward are the fp32 sharded masters; forward multiplies by their gathered copies
+        in param_dtype."""
+        if self.autocast_dtype is not None:
+            return self.autocast_dtype
+        fsdp_state = self._get_fsdp_state() if hasattr(self, "_get_fsdp_state") else None  # set by fully_shard
+        param_dtype = getattr(getattr(fsdp_state, "_mp_policy", None), "param_dtype", None)
+        return param_dtype or self.model.embed_tokens.weight.dtype
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.model.embed_tokens.weight
+        """An empty cache for `batch` rows of up to `max_len` positions, in the dtype forward writes into it."""
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, w.dtype, w.device)
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, self.compute_dtype(),
+                       self.model.embed_tokens.weight.device)
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
@@ -231,7 +248,20 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
 
         mask = self._attention_mask(attention_mask, past, T, dev)
+        with self._autocast(dev):
+            x = self._layers(input_ids, position_ids, mask, kv_cache, num_logits_to_keep)  # (B, T', D)
+            return x if return_hidden else self.lm_head(x)
 
+    def _autocast(self, dev):
+        """torch.autocast in `autocast_dtype` when set; else nothing (a caller's own autocast stays in force)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=self.autocast_dtype)
+
+    def _layers(self, input_ids, position_ids, mask, kv_cache: KVCache | None, num_logits_to_keep: int):
+        """Embeddings, blocks and the final norm: (B, T) ids -> (B, T', D) hidden states, T' = num_logits_to_keep
+        or T."""
+        T = input_ids.shape[1]
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, hd/2) fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
@@ -246,8 +276,7 @@ class Transformer(nn.Module):
             kv_cache.advance(T)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
-        x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        return self.model.norm(x)
 
     @staticmethod
     def _attention_mask(attention_mask, past: int, T: int, dev):

@@ -50,6 +50,20 @@ def teardown():
         dist.destroy_process_group()
 
 
+@contextmanager
+def local_main_first(d: Dist):
+    """Local rank 0 runs the body first, every other rank after it (a barrier): a model source is converted or
+    downloaded into the node's cache once, and the other ranks find it there. Without a process group: just
+    the body."""
+    if d.enabled and d.local_rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:  # even when the body failed: the others then try, and fail with their own error, not a hang
+        if d.enabled and d.local_rank == 0:
+            dist.barrier()
+
+
 def exit_if_distributed():
     """End a torchrun worker right after its work: skip the interpreter's shutdown, where a gloo worker once
     aborted with "terminate called without an active exception" after the process group was destroyed and
@@ -63,23 +77,35 @@ def exit_if_distributed():
         os._exit(0)
 
 
-def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    """FSDP2: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
+def shard(model: torch.nn.Module, d: Dist, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """`fully_shard_model` under a process group of several ranks; else the model as it is.
 
-    On CUDA the compute runs in bf16 with gradients reduced in fp32; the sharded master weights stay fp32.
+    The sharded weights keep their dtype (fp32 masters for the policy); a lower compute_dtype (bf16) is FSDP's
+    param_dtype (the gathered copies forward multiplies by), with gradients reduced in fp32.
     """
     if not d.enabled:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     mp = None
-    if d.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kw = {"mp_policy": mp} if mp is not None else {}
+    if compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return fully_shard_model(model, mp)
+
+
+def fully_shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
+    """FSDP2: `fully_shard` each transformer block, then the root (embeddings, final norm, head).
+
+    The blocks reshard their parameters after forward; the root keeps its own gathered (backward needs them
+    first). That is FSDP's choice for a root, made explicit here so that it holds from the first forward on,
+    also when that forward runs inside `gathered`.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for block in model.model.layers:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
-    return model
+        fully_shard(block, reshard_after_forward=True, **kw)
+    return fully_shard(model, reshard_after_forward=False, **kw)
 
 
 def fsdp_modules(model):
@@ -88,19 +114,31 @@ def fsdp_modules(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def reshards_after_forward(module) -> bool:
+    """Whether an FSDP module frees its gathered parameters after forward (FSDP keeps the setting in its
+    parameter groups: a post-forward mesh, or None to keep them; there is no public getter)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch versions with a single group per module
+        groups = [g for g in [state._fsdp_param_group] if g is not None]
+    return any(g.post_forward_mesh_info is not None for g in groups)
+
+
 @contextmanager
 def gathered(model):
-    """Keep every block's parameters gathered for the duration (a rollout: hundreds of forwards, one all-gather
-    each instead of one per forward). A no-op without FSDP."""
+    """Keep every FSDP module's parameters gathered for the duration (a rollout: hundreds of forwards, one
+    all-gather each instead of one per forward); then reshard them and give each module back its own setting
+    (the root keeps its parameters after a training forward, the blocks do not). A no-op without FSDP."""
     mods = fsdp_modules(model)
+    before = [reshards_after_forward(m) for m in mods]
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
-        for m in mods:
+        for m, reshard in zip(mods, before):
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(reshard, recurse=False)
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

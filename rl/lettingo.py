@@ -32,6 +32,7 @@ from eval.reward import rating_reward
 from model import load_model, load_tokenizer
 
 from . import distributed as dist
+from . import loop
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -198,7 +199,7 @@ def stage_explore(cfg, d: dist.Dist, ds, hx):
     mine = users[d.rank::d.world]
     rows = []
     for k, src in enumerate(cfg.explorers):
-        model, tok = load_model(src, device=d.device), load_tokenizer(src)
+        model, tok = load_model(src, loop.resolve_dtype(cfg.dtype, d.device), d.device), load_tokenizer(src)
         rows += explore(mine, ds, hx, src, model, tok, cfg.styles, [float(t) for t in cfg.temperatures],
                            cfg.samples, history_options(cfg), cfg.max_new_tokens, cfg.max_prompt_tokens,
                            seed=cfg.seed + 7919 * k, progress=d.is_main)  # streams keyed by user, not rank
@@ -216,7 +217,8 @@ def stage_score(cfg, d: dist.Dist, ds, hx):
     cands = read_jsonl(files(cfg)["explore"], "explore")
     users = user_windows(ds, cfg.heldout, cfg.min_history, cfg.users)
     src = cfg.model if cfg.recommender == "reference" else cfg.recommender
-    rec = Recommender(load_model(src, device=d.device), load_tokenizer(src), device=d.device)
+    rec = Recommender(load_model(src, loop.resolve_dtype(cfg.dtype, d.device), d.device), load_tokenizer(src),
+                      device=d.device)
     for c, cand in enumerate(cands):
         cand["candidate"] = c
     mine = cands[d.rank::d.world]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import load_model, load_tokenizer
+from model import default_dtype, load_model, load_tokenizer, resolve_model
 
 from . import checkpoints
 from . import distributed as dist
@@ -39,6 +39,9 @@ class RunConfig:
     log_text_every: int = 5
     activation_checkpointing: bool = False
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
+    dtype: str = field(default="", metadata={
+        "help": "compute dtype: bfloat16 | float32; empty: bfloat16 on CUDA, float32 on CPU (bfloat16 on a CPU "
+                "is slow, for tests of the GPU path). The policy's master weights stay float32"})
 
     def check(self):
         """The flags every trainer shares, each in its range (rl/config.py reports a failure as exit 2)."""
@@ -52,6 +55,7 @@ class RunConfig:
         must(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         must(self.device in ("", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be cpu, cuda, cuda:N or empty", self.device)
+        one_of("dtype", self.dtype, ("",) + tuple(DTYPES))
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -92,23 +96,42 @@ class Models:
     rec_tokenizer: object
 
 
-def build_models(model_src: str, recommender: str, resume_from: Path | None, activation_checkpointing: bool,
-                 d: dist.Dist) -> Models:
-    """Policy (fp32 master weights; bf16 compute on CUDA through FSDP's policy), frozen reference, recommender.
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
-    The reference is the starting model, frozen (eval mode, no grad, no optimizer state); `recommender ==
-    'reference'` makes it the recommender too, so one frozen copy serves both.
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """The --dtype flag: bfloat16 | float32; empty: bfloat16 on CUDA, float32 on CPU."""
+    if not name:
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)} (or empty for the device's default)")
+    return DTYPES[name]
+
+
+def build_models(model_src: str, recommender: str, resume_from: Path | None, activation_checkpointing: bool,
+                 d: dist.Dist, dtype: str = "") -> Models:
+    """Policy, frozen reference, recommender; `dtype` names the compute dtype (the --dtype flag).
+
+    The policy keeps fp32 master weights (what AdamW updates) and computes in `dtype`: through FSDP's
+    param_dtype when sharded, else under torch.autocast (`Transformer.autocast_dtype`). The frozen models are
+    loaded in it. The reference is the starting model, frozen (eval mode, no grad, no optimizer
+    state); `recommender == 'reference'` makes it the recommender too, so one frozen copy serves both.
     """
+    compute = resolve_dtype(dtype, d.device)
+    with dist.local_main_first(d):  # each source is converted or downloaded once per node
+        for source in dict.fromkeys(s for s in (model_src, recommender) if s != "reference"):
+            resolve_model(source)
     tokenizer = load_tokenizer(model_src)
     policy = load_model(str(resume_from / "model") if resume_from else model_src, dtype=torch.float32,
                         device=d.device)
     policy.gradient_checkpointing = activation_checkpointing
-    frozen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    reference = load_model(model_src, dtype=frozen_dtype, device=d.device).requires_grad_(False)
-    policy, reference = dist.shard(policy, d), dist.shard(reference, d)
+    if not d.enabled and compute != torch.float32:
+        policy.autocast_dtype = compute
+    reference = load_model(model_src, dtype=compute, device=d.device).requires_grad_(False)
+    policy, reference = dist.shard(policy, d, compute), dist.shard(reference, d, compute)
     if recommender == "reference":
         return Models(policy, reference, tokenizer, reference, tokenizer)
-    rec = dist.shard(load_model(recommender, dtype=frozen_dtype, device=d.device).requires_grad_(False), d)
+    rec = dist.shard(load_model(recommender, dtype=compute, device=d.device).requires_grad_(False), d, compute)
     return Models(policy, reference, tokenizer, rec, load_tokenizer(recommender))
 
 

@@ -1,6 +1,7 @@
 """The GRPO loop end to end on tiny real models: it learns, two FSDP ranks equal one process, resume equals an
 uninterrupted run, a kill during a checkpoint write loses nothing, and the DUET environment runs."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -267,3 +268,39 @@ def test_undefined_metrics_stay_strict_json(tmp_path):
     assert rows == [{"step": 1, "train/reward_mean": 0.25}]
     assert json.loads(summary_line({"step": 3, "mae": float("nan"), "reward": 1 / 3}), **strict) == \
         {"step": 3, "mae": None, "reward": 0.333333}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_bfloat16_compute_path_on_cpu(tmp_path, nproc):
+    """--dtype bfloat16 runs the GPU's dtype path on the CPU: over fp32 master weights the policy computes in
+    bf16 (under autocast in one process, through FSDP's param_dtype on two ranks), the frozen reference holds bf16
+    weights; rollout, log-probs, update and checkpoint (fp32) end to end."""
+    model = tiny_chat_model(tmp_path / "tiny")
+    args = [a if a != str(STORIES) else str(model) for a in TOY]
+    res = run_script([*args, "--dtype", "bfloat16", "--max-steps", "1", "--save-every", "1",
+                      "--run-dir", str(tmp_path / "run")], nproc=nproc)
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    for k in ("loss", "kl", "reward_mean", "grad_norm", "ratio_mean"):
+        assert math.isfinite(final[k]), (k, final[k])
+    saved = weights(tmp_path / "run", 1)
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    start = load_file(str(STORIES / "model.safetensors"))
+    assert max((saved[k] - start[k]).abs().max() for k in saved) > 0  # the update reached the master weights
+
+
+def test_build_models_compute_dtype():
+    """--dtype: empty is the device's default; bfloat16 without FSDP keeps the policy's weights fp32 and turns on
+    its autocast, the frozen reference is loaded in bf16."""
+    from rl import distributed as D
+    from rl.loop import build_models, resolve_dtype
+
+    assert resolve_dtype("", "cpu") == torch.float32 and resolve_dtype("", "cuda") == torch.bfloat16
+    assert resolve_dtype("float32", "cuda") == torch.float32
+    with pytest.raises(ValueError, match="--dtype 'bf16'"):
+        resolve_dtype("bf16", "cpu")
+    m = build_models(str(STORIES), "reference", None, False, D.Dist(), "bfloat16")
+    assert m.policy.lm_head.weight.dtype == torch.float32 and m.policy.autocast_dtype == torch.bfloat16
+    assert m.reference.lm_head.weight.dtype == torch.bfloat16 and m.rec_model is m.reference
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert m.policy(ids).dtype == m.reference(ids).dtype == torch.bfloat16
+    assert build_models(str(STORIES), "reference", None, False, D.Dist()).policy.autocast_dtype is None

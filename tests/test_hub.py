@@ -1,6 +1,7 @@
 """Model resolution (model/hub.py): cache location, reuse, integrity checks, local sources and the offline hub."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 import model.hub as hub
 from model.hub import MANIFEST, cache_dir, resolve_model
 from tests.test_gguf import tiny_hf_model, write_tiny_gguf
+from tests.tiny import STORIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +164,56 @@ def test_download_script_copies_to_out(tmp_cache, tmp_path, monkeypatch, capsys)
     cached = resolve_model(path)
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in cached.iterdir())
     assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (cached / "model.safetensors").read_bytes()
+
+
+
+# A child process that resolves a repo id whose "download" copies a local model directory file by file, slowly
+# (huggingface_hub.snapshot_download replaced, offline). It says when it is ready, then waits for the go file
+# and `delay` seconds more.
+RESOLVE_SLOWLY = """
+import shutil, sys, time
+from pathlib import Path
+import huggingface_hub
+
+src, repo_id, sync, delay = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+
+def snapshot_download(repo_id, local_dir, **kwargs):
+    for f in sorted(src.iterdir()):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, Path(local_dir) / f.name)
+        time.sleep(0.3)
+    return str(local_dir)
+
+huggingface_hub.snapshot_download = snapshot_download
+from model.hub import resolve_model
+(sync / f"ready-{delay}").touch()
+while not (sync / "go").exists():
+    time.sleep(0.01)
+time.sleep(delay)
+print(resolve_model(repo_id))
+"""
+
+
+def test_two_processes_resolve_the_same_repo_at_once(tmp_cache, tmp_path):
+    """Both succeed and get the same complete copy: each downloads into its own staging directory, the first to
+    publish wins and the other uses its copy. The second starts 0.15 s later, so its copies interleave with
+    the first's (a shared staging directory would be renamed away under it)."""
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RESOLVE_SLOWLY, str(STORIES), "test-org/tiny-260k", str(sync),
+                               str(delay)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for delay in (0.0, 0.15)]
+    deadline = time.time() + 120
+    while len(list(sync.glob("ready-*"))) < 2 and all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    (sync / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    dest = tmp_cache / "models" / "test-org--tiny-260k"
+    assert [Path(out.strip()) for out, _ in outs] == [dest, dest]
+    assert json.loads((dest / MANIFEST).read_text())["source"] == "hf:test-org/tiny-260k"
+    assert (dest / "model.safetensors").read_bytes() == (STORIES / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in dest.iterdir()) == sorted([MANIFEST, *(p.name for p in STORIES.iterdir())])
+    assert [p.name for p in dest.parent.iterdir() if ".tmp-" in p.name] == []  # the losing copy is gone

@@ -247,3 +247,53 @@ def test_decode_step_mask_without_host_sync_equals_general_mask():
     general = ((k <= 8) & mask[:, None, :]) | (k == 8)  # causal & padding, the query always sees itself
     assert fast.shape == (3, 1, 1, S) and torch.equal(fast, general[:, None])
     assert not mask[:, -1].any()  # the caller's mask is left untouched
+
+
+# Qwen3's chat template, cut to what decides thinking: the empty <think> block after the generation prompt
+QWEN3_CHAT = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+              "{%- endif %}{%- endif %}")
+
+
+def test_chat_prompts_render_with_thinking_off():
+    """By default a Qwen3-style prompt ends with the closed empty think block, so the answer starts at once;
+    thinking=True (per call or on the tokenizer) leaves it open; templates without the variable ignore it."""
+    from tests.tiny import CHAT_TEMPLATE
+
+    tok = load_tokenizer(STORIES)
+    tok.hf.chat_template = QWEN3_CHAT
+    msgs = [{"role": "user", "content": "Describe the user."}]
+    text = tok.render_chat(msgs)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n"), text
+    assert tok.encode_chat(msgs) == tok.encode(text, add_special_tokens=False)
+    assert tok.render_chat(msgs, thinking=True).endswith("<|im_start|>assistant\n")
+    tok.thinking = True
+    assert tok.render_chat(msgs) == tok.render_chat(msgs, thinking=True)
+    assert tok.render_chat(msgs, thinking=False) == text
+    tok.hf.chat_template = CHAT_TEMPLATE
+    assert tok.render_chat(msgs, thinking=False) == tok.render_chat(msgs, thinking=True) == \
+        "<user>\nDescribe the user.\n<assistant>\n"
+
+
+def test_autocast_dtype_computes_in_bf16_over_fp32_weights(family):
+    """autocast_dtype: bf16 matmuls and logits, a bf16 KV cache, fp32 gradients on the fp32 weights; close to
+    the fp32 forward."""
+    _, path, _ = family
+    m = load_model(path)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+    m.autocast_dtype = torch.bfloat16
+    assert m.compute_dtype() == torch.bfloat16
+    with torch.no_grad():
+        low = m(ids, attention_mask=mask)
+        cache = m.new_cache(batch=3, max_len=ids.shape[1])
+        m(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)
+        step = m(ids[:, 6:7], attention_mask=mask[:, :7], kv_cache=cache)
+    assert low.dtype == step.dtype == cache.k[0].dtype == torch.bfloat16
+    real = mask.bool()
+    assert (low[real].float() - full[real]).abs().max() <= 0.05
+    assert (step[:, 0].float() - full[:, 6]).abs().max() <= 0.05
+    m(ids, attention_mask=mask).float().logsumexp(-1).sum().backward()
+    assert m.lm_head.weight.grad.dtype == torch.float32 and m.lm_head.weight.dtype == torch.float32
