@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import build_model, load_weights, save_checkpoint
 from .config import ModelConfig
+from .freeze import freeze_all_but_top
 from .kv_cache import KVCache
 from .lora import add_lora, load_adapter, lora_enabled, merge_lora, save_adapter
 from .tokenizer import Tokenizer
@@ -22,7 +23,7 @@ from .transformer import Transformer
 
 __all__ = ["load_model", "load_tokenizer", "save_model", "resolve_model", "Transformer", "ModelConfig",
            "KVCache", "Tokenizer", "default_dtype", "add_lora", "lora_enabled", "merge_lora", "save_adapter",
-           "load_adapter"]
+           "load_adapter", "freeze_all_but_top"]
 
 
 def resolve_model(name_or_path) -> Path:

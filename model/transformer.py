@@ -181,6 +181,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+        self.frozen_layers = 0  # the first this many blocks run under torch.no_grad() (see model/freeze.py)
 
     # ---- construction helpers -------------------------------------------------------------------------------
     def reset_rope(self):
@@ -238,7 +239,10 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
         for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and kv_cache is None:
+            if i < self.frozen_layers:  # frozen bottom: no graph, no activations kept for a backward
+                with torch.no_grad():
+                    x = block(x, cos, sin, mask, kv_cache, i)
+            elif self.gradient_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache, i)

@@ -1,4 +1,4 @@
-"""LoRA adapters (model/lora.py) on tiny models."""
+"""LoRA adapters (model/lora.py) and top-N-layer training (model/freeze.py) on tiny models."""
 import copy
 import json
 
@@ -7,6 +7,7 @@ import torch
 
 from model import load_model, save_model
 from model.checkpoint import CheckpointError
+from model.freeze import freeze_all_but_top
 from model.lora import (PEFT_PREFIX, add_lora, lora_enabled, lora_layers, lora_state_dict, merge_lora,
                         save_adapter)
 from model.sampler import generate
@@ -162,3 +163,56 @@ def test_adapter_round_trips_with_peft(base_dir, tmp_path):
     ours = load_model(base_dir, adapter=tmp_path / "peft")
     with torch.no_grad():
         assert (made(ids, attention_mask=mask).logits[real] - logits(ours, ids, mask)[real]).abs().max() <= 1e-4
+
+
+# ---- top-N-layer training -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, n", [("stories260K", 2), ("llama3", 1), ("llama3", 0)])
+def test_freeze_all_but_top(name, n, tmp_path):
+    path = STORIES if name == "stories260K" else tmp_path
+    if name != "stories260K":
+        make_checkpoint(FAMILIES[name](), path)
+    m = freeze_all_but_top(load_model(path).train(), n)
+    L, tied = m.config.num_hidden_layers, m.config.tie_word_embeddings
+    want = {f"model.layers.{i}." for i in range(L - n, L)} | {"model.norm."} | (set() if tied else {"lm_head."})
+    trainable = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {k for k, _ in m.named_parameters() if k.startswith(tuple(want))}
+    optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for k, p in m.named_parameters() if k in trainable}
+    assert "model.embed_tokens.weight" not in trainable  # also the tied head's weight: stays frozen
+
+    # which block is running when autograd saves a tensor for the backward
+    current, saved, grad_on = [None], {i: 0 for i in range(L)}, {}
+
+    def enter(i):
+        def hook(module, args):
+            current[0], grad_on[i] = i, torch.is_grad_enabled()
+        return hook
+
+    def leave(module, args, out):
+        current[0] = None
+
+    for i, block in enumerate(m.model.layers):
+        block.register_forward_pre_hook(enter(i))
+        block.register_forward_hook(leave)
+
+    def pack(t):
+        if current[0] is not None:
+            saved[current[0]] += 1
+        return t
+
+    ids, mask = left_padded_batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(ids, attention_mask=mask).pow(2).mean()
+    loss.backward()
+    assert {k for k, p in m.named_parameters() if p.grad is not None} == trainable
+    assert all(not grad_on[i] and saved[i] == 0 for i in range(L - n))  # bottom: no autograd, nothing kept
+    assert all(grad_on[i] and saved[i] > 0 for i in range(L - n, L))
+
+
+def test_freeze_all_but_top_rejects_bad_input():
+    m = load_model(STORIES)
+    with pytest.raises(ValueError, match="between 0 and 5"):
+        freeze_all_but_top(m, 6)
+    with pytest.raises(ValueError, match="LoRA"):
+        freeze_all_but_top(add_lora(m, 2, 4), 1)
