@@ -5,6 +5,7 @@
     tok = load_tokenizer("smollm2-135m-instruct")
     logits = model(input_ids)                       # (B, T, vocab)
     save_model(model, tok, "out/dir")               # loadable by transformers and by load_model
+    model = load_model("base", adapter="out/adapter")  # the base with a LoRA adapter (model/lora.py)
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import torch
 
 from .checkpoint import build_model, load_weights, save_checkpoint
 from .config import ModelConfig
+from .freeze import freeze_all_but_top
 from .kv_cache import KVCache
+from .lora import add_lora, load_adapter, lora_enabled, merge_lora, save_adapter
 from .tokenizer import Tokenizer
 from .transformer import Transformer
 
 __all__ = ["load_model", "load_tokenizer", "save_model", "resolve_model", "Transformer", "ModelConfig",
-           "KVCache", "Tokenizer", "default_dtype"]
+           "KVCache", "Tokenizer", "default_dtype", "add_lora", "lora_enabled", "merge_lora", "save_adapter",
+           "load_adapter", "freeze_all_but_top"]
 
 
 def resolve_model(name_or_path) -> Path:
@@ -34,14 +38,19 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model(name_or_path, dtype: torch.dtype | None = None, device=None) -> Transformer:
-    """Build the model of a checkpoint on the meta device and fill it tensor by tensor; returned in eval mode."""
+def load_model(name_or_path, dtype: torch.dtype | None = None, device=None, adapter=None) -> Transformer:
+    """Build the model of a checkpoint on the meta device and fill it tensor by tensor; returned in eval mode.
+
+    adapter: a LoRA adapter directory (PEFT's layout, see model/lora.py) to apply: the base weights are then
+    frozen and the adapter's A and B are the only trainable parameters."""
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
     path = resolve_model(name_or_path)
     cfg = ModelConfig.from_file(path / "config.json")
     model = load_weights(build_model(cfg), path, dtype, device)
     model.source = str(path)
+    if adapter is not None:
+        load_adapter(model, adapter)
     return model.eval()
 
 

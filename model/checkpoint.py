@@ -101,6 +101,10 @@ def _fsync_write_json(path: Path, obj):
 def save_checkpoint(out_dir: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                     tokenizer=None, max_shard_bytes: int = 2 * 1024**3, extra_files: dict | None = None):
     """Write an HF model directory atomically: a sibling temp dir, then rename over `out_dir`."""
+    adapters = [k for k in state_dict if ".lora_A." in k or ".lora_B." in k]
+    if adapters:  # neither transformers nor load_weights would accept them in a model directory
+        raise CheckpointError(f"the state dict holds LoRA adapter tensors ({adapters[0]}, ...): write them with "
+                              "model.lora.save_adapter, or merge_lora(model) before saving the model")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

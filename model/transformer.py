@@ -186,6 +186,7 @@ class Transformer(nn.Module):
         # the matmuls (and the lm_head's logits) are bf16 while norms, RoPE and the residual stream stay fp32.
         # None: compute in the weights' dtype (or FSDP's param_dtype).
         self.autocast_dtype: torch.dtype | None = None
+        self.frozen_layers = 0  # the first this many blocks run under torch.no_grad() (see model/freeze.py)
 
     # ---- construction helpers -------------------------------------------------------------------------------
     def reset_rope(self):
@@ -268,7 +269,10 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
         for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and kv_cache is None:
+            if i < self.frozen_layers:  # frozen bottom: no graph, no activations kept for a backward
+                with torch.no_grad():
+                    x = block(x, cos, sin, mask, kv_cache, i)
+            elif self.gradient_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache, i)
