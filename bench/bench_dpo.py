@@ -90,13 +90,15 @@ def run_ours(a) -> dict:
 
     from rl import distributed as D
     from rl.dpo_trainer import DPOConfig, dpo_step, reference_logprobs
-    from rl.loop import build_models
+    from rl.loop import Run, build_models
     from rl.optim import make_optimizer, make_scheduler
     from rl.tracking import Tracker
 
     torch.manual_seed(0)
     d = D.setup("cpu")
-    models = build_models(a.model, "reference", None, False, d)
+    cfg = DPOConfig(model=a.model, pairs_per_step=a.pairs, micro_batch_pairs=MICRO_PAIRS, beta=BETA, lr=5e-6,
+                    max_steps=a.steps + 1, log_text_every=0, device="cpu")
+    models = build_models(cfg, None, d)
     tok = models.tokenizer
     pairs = make_pairs(tok, a.prompt_tokens, a.profile_tokens, a.pairs)
     eos = tok.eos_token_id
@@ -104,8 +106,6 @@ def run_ours(a) -> dict:
     encoded = [(tok.encode(p["prompt"], add_special_tokens=False),
                 tok.encode(p["chosen"], add_special_tokens=False) + [eos],
                 tok.encode(p["rejected"], add_special_tokens=False) + [eos]) for p in pairs]
-    cfg = DPOConfig(model=a.model, pairs_per_step=a.pairs, micro_batch_pairs=MICRO_PAIRS, beta=BETA, lr=5e-6,
-                    max_steps=a.steps + 1, log_text_every=0, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(tmp) / "ref_logps.json",
@@ -113,11 +113,11 @@ def run_ours(a) -> dict:
         print(f"ours reference log-probs (once, not timed in the step): {time.perf_counter() - t0:.2f} s", flush=True)
     optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, 0, cfg.max_steps, "constant")
-    tracker = Tracker(tempfile.gettempdir(), enabled=False)
+    run = Run(optimizer, scheduler, Tracker(tempfile.gettempdir(), enabled=False), 0, cfg.max_steps)
     times = []
     for step in range(a.steps + 1):
         t0 = time.perf_counter()
-        m = dpo_step(step, cfg, models, encoded, pairs, ref, optimizer, scheduler, d, tracker)
+        m = dpo_step(step, cfg, models, encoded, pairs, ref, run, d)
         dt = time.perf_counter() - t0
         print(f"ours step {step}{' (warm-up)' if step == 0 else ''}: {dt:.2f} s, loss {m['loss']:.4f}, "
               f"accuracy {m['reward_accuracy']:.2f}", flush=True)

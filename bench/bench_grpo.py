@@ -111,14 +111,15 @@ def run_ours(a) -> dict:
 
     torch.manual_seed(0)
     d = D.setup("cpu")
-    models = build_models(a.model, "reference", None, False, d)
-    tok = models.tokenizer
-    prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens, a.prompts)]
-    env = fixed_prompt_env(prompts, target_token(tok), tok)
     cfg = GT.GRPOConfig(model=a.model, env="bench", prompts_per_step=a.prompts, group_size=G, temperature=1.0,
                         max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=a.prompts,
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
-                        max_steps=a.steps + 1, device="cpu")
+                        max_steps=a.steps + 1, device="cpu", lora_rank=a.lora_rank,
+                        trainable_layers=a.trainable_layers)
+    models = build_models(cfg, None, d)
+    tok = models.tokenizer
+    prompts = [tok.encode_chat(m) for m in prompt_messages(tok, a.prompt_tokens, a.prompts)]
+    env = fixed_prompt_env(prompts, target_token(tok), tok)
     # exactly --new-tokens tokens per row, as TRL's min_new_tokens: EOS is held back until the last one
     def generate_full_length(model, prompts, max_new_tokens, **kw):
         return S.generate(model, prompts, max_new_tokens, min_new_tokens=max_new_tokens, **kw)
@@ -224,11 +225,12 @@ def run_trl(a) -> dict:
 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
-def child(side: str, a) -> dict:
+def child(side: str, a, lora_rank: int = 0, trainable_layers: int = 0) -> dict:
     return run_side(__file__, side, ["--steps", str(a.steps), "--threads", str(a.threads),
                                      "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens),
                                      "--new-tokens", str(a.new_tokens), "--model", a.model,
-                                     "--prompts", str(a.prompts)])
+                                     "--prompts", str(a.prompts), "--lora-rank", str(lora_rank),
+                                     "--trainable-layers", str(trainable_layers)])
 
 
 def main():
@@ -243,6 +245,11 @@ def main():
     p.add_argument("--prompts", type=int, default=N_PROMPTS,
                    help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (the issue's: 4)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
+    p.add_argument("--lora-rank", type=int, default=0, help="(one side) our policy with LoRA adapters of this rank")
+    p.add_argument("--trainable-layers", type=int, default=0, help="(one side) train only our top N blocks")
+    p.add_argument("--variants", nargs="*", default=[], metavar="lora:R | top:N",
+                   help="also time our step with LoRA of rank R (the reference = the adapters off) or with only the "
+                        "top N blocks trained, each against our full fine-tuning: e.g. --variants lora:16 top:4")
     a = p.parse_args()
     if a.prompts * G % MICRO_ROWS:
         p.error(f"--prompts x {G} samples must be a multiple of the {MICRO_ROWS}-row micro-batch")
@@ -266,6 +273,16 @@ def main():
         ratio = None
         print(f"trl  not installed (pip install -r requirements-bench.txt): our side only, wall "
               f"{time.perf_counter() - t0:.0f} s")
+    variants = {}
+    for v in a.variants:  # our step with fewer trainable weights, as ratios to our full fine-tuning
+        kind, _, n = v.partition(":")
+        if kind not in ("lora", "top") or not n.isdigit():
+            p.error(f"--variants {v!r}: expected lora:RANK or top:LAYERS")
+        res = child("ours", a, lora_rank=int(n)) if kind == "lora" else child("ours", a, trainable_layers=int(n))
+        variants[v] = {"s_per_step": res["s_per_step"], "peak_rss_mb": res["peak_rss_mb"],
+                       "speedup_vs_full": round(ours["s_per_step"] / res["s_per_step"], 3),
+                       "rss_vs_full": round(res["peak_rss_mb"] / ours["peak_rss_mb"], 3)}
+        print(f"ours {v}: {res['s_per_step']:.2f} s/step, peak RSS {res['peak_rss_mb']:.0f} MiB")
     t = (lambda k: trl[k]) if trl else (lambda k: None)  # noqa: E731  TRL's figure, or null without TRL
     print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": t("s_per_step"),
                       "ratio": None if ratio is None else round(ratio, 3), "target_ratio": 2.0,
@@ -276,7 +293,7 @@ def main():
                       "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": t("prompt_tokens"),
                       "response_length": ours["response_length"], "trl_response_length": t("response_length"),
                       "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads,
-                      "model": a.model, "prompts": a.prompts}))
+                      "model": a.model, "prompts": a.prompts, "variants": variants}))
 
 
 if __name__ == "__main__":

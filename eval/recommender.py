@@ -85,9 +85,8 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 class Recommender:
     def __init__(self, model, tokenizer, batch_size: int = 8, with_reviews: bool = False, device=None,
                  share_prefix: bool = True):
-        self.model = model.eval()
-        for p in self.model.parameters():  # frozen: no gradients, no optimizer state
-            p.requires_grad_(False)
+        model.eval()  # scoring runs under no_grad: no graph, whatever requires_grad says
+        self.model = model  # (a module, or a view such as model.lora.AdaptersOff: kept as given)
         self.tok = tokenizer
         self.batch_size = batch_size
         self.with_reviews = with_reviews

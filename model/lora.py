@@ -138,6 +138,23 @@ def lora_enabled(model: nn.Module, enabled: bool = True):
             m.enabled = state
 
 
+class AdaptersOff:
+    """A view of a model with LoRA adapters that runs it with every adapter switched off: the frozen base model,
+    without a second copy of its weights (the reference of RL with a LoRA policy). Calls run under
+    lora_enabled(model, False); every attribute (config, new_cache, parameters, ...) is the model's own."""
+
+    def __init__(self, model: nn.Module):
+        _require_lora(model)
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with lora_enabled(self.model, False):
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its weight (W += scaling * B @ A, summed in fp32) and put the plain Linear back.

@@ -1,5 +1,7 @@
 """Run checkpoints: `run_dir/checkpoints/step_N/` = an HF model directory (`model/`, loadable by transformers and
-by our loader) + `optimizer.pt` + `trainer_state.json` (step, data position, scheduler, config) + RNG states.
+by our loader) or, for a LoRA policy, the adapter in PEFT's layout (`adapter/`: adapter_model.safetensors +
+adapter_config.json, on the base model named in it) + `optimizer.pt` + `trainer_state.json` (step, data
+position, scheduler, config) + RNG states.
 
 A checkpoint is written into a hidden temporary directory and renamed to `step_N` only when complete, so a run
 killed mid-write leaves the previous checkpoints intact and loadable. The last `keep` are kept.
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import save_checkpoint
+from model.lora import lora_layers, save_adapter
 
 from . import distributed as dist
 
@@ -52,7 +55,10 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
         tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=root))
         try:
             base = model.module if hasattr(model, "module") else model
-            save_checkpoint(tmp / "model", base.config, model_sd, tokenizer)
+            if lora_layers(base):  # the adapter alone: the base weights did not change
+                save_adapter(base, tmp / "adapter", state.get("config", {}).get("model"), state_dict=model_sd)
+            else:
+                save_checkpoint(tmp / "model", base.config, model_sd, tokenizer)
             torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
             full_state = {**state, "step": step, "scheduler": scheduler.state_dict()}

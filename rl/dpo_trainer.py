@@ -213,8 +213,7 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
         raise ValueError(f"{lettingo.files(cfg)['pairs']} holds no pairs: explore more candidates or lower "
                          f"--pair-margin")
     resume_from = loop.resume_point(cfg)
-    models = loop.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d,
-                               cfg.dtype)
+    models = loop.build_models(cfg, resume_from, d)
     encoded = encode_pairs(pairs, models.tokenizer, ds, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
                              reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg))

@@ -144,8 +144,7 @@ def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) ->
     loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks
     torch.manual_seed(cfg.seed)
     resume_from = loop.resume_point(cfg)
-    models = loop.build_models(cfg.model, cfg.recommender, resume_from, cfg.activation_checkpointing, d,
-                               cfg.dtype)
+    models = loop.build_models(cfg, resume_from, d)
     env = env or make_env(cfg, models, d)
     updates_per_step = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.mini_batch_prompts)
     run = loop.start_run(cfg, d, models, resume_from, updates_per_step, preset)

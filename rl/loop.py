@@ -11,6 +11,8 @@ import torch
 from tqdm import tqdm
 
 from model import default_dtype, load_model, load_tokenizer, resolve_model
+from model.freeze import freeze_all_but_top
+from model.lora import PROJECTIONS, AdaptersOff, add_lora, load_adapter
 
 from . import checkpoints
 from . import distributed as dist
@@ -39,6 +41,13 @@ class RunConfig:
     log_text_every: int = 5
     activation_checkpointing: bool = False
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the policy; 0: full weights"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is alpha / rank * BA)"})
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: list(PROJECTIONS), metadata={
+        "help": "projections that get adapters (default: every attention and MLP projection)"})
+    trainable_layers: int = field(default=0, metadata={
+        "help": "train only the top N blocks, the final norm and the head (the rest runs without autograd); 0: all"})
     dtype: str = field(default="", metadata={
         "help": "compute dtype: bfloat16 | float32; empty: bfloat16 on CUDA, float32 on CPU (bfloat16 on a CPU "
                 "is slow, for tests of the GPU path). The policy's master weights stay float32"})
@@ -56,6 +65,14 @@ class RunConfig:
         must(self.device in ("", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be cpu, cuda, cuda:N or empty", self.device)
         one_of("dtype", self.dtype, ("",) + tuple(DTYPES))
+        must(self.lora_rank >= 0, "lora_rank", "must be >= 0 (0: full weights)", self.lora_rank)
+        must(self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
+        must(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
+        for t in self.lora_targets:
+            one_of("lora_targets", t, PROJECTIONS)
+        must(self.trainable_layers >= 0, "trainable_layers", "must be >= 0 (0: all)", self.trainable_layers)
+        must(not (self.lora_rank and self.trainable_layers), "trainable_layers",
+             "cannot be combined with --lora-rank (use one or the other)", self.trainable_layers)
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -108,31 +125,44 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_models(model_src: str, recommender: str, resume_from: Path | None, activation_checkpointing: bool,
-                 d: dist.Dist, dtype: str = "") -> Models:
-    """Policy, frozen reference, recommender; `dtype` names the compute dtype (the --dtype flag).
+def build_models(cfg, resume_from: Path | None, d: dist.Dist) -> Models:
+    """Policy, frozen reference, recommender, from the run's flags (--model, --recommender, --dtype, LoRA, ...).
 
-    The policy keeps fp32 master weights (what AdamW updates) and computes in `dtype`: through FSDP's
-    param_dtype when sharded, else under torch.autocast (`Transformer.autocast_dtype`). The frozen models are
-    loaded in it. The reference is the starting model, frozen (eval mode, no grad, no optimizer
-    state); `recommender == 'reference'` makes it the recommender too, so one frozen copy serves both.
+    The policy keeps fp32 master weights (what AdamW updates) and computes in --dtype: through FSDP's param_dtype
+    when sharded, else under torch.autocast (`Transformer.autocast_dtype`). With --lora-rank the policy is the
+    base model with trainable adapters, and the reference is the same model with its adapters switched off (no
+    second copy); else the reference is the starting model, loaded again in the compute dtype and frozen.
+    --trainable-layers N leaves only the top N blocks (and the norm and head) trainable. --recommender
+    reference makes the reference the recommender too. A resumed run loads the policy (or its adapter) from
+    the checkpoint `resume_from`.
     """
-    compute = resolve_dtype(dtype, d.device)
+    compute = resolve_dtype(cfg.dtype, d.device)
     with dist.local_main_first(d):  # each source is converted or downloaded once per node
-        for source in dict.fromkeys(s for s in (model_src, recommender) if s != "reference"):
+        for source in dict.fromkeys(s for s in (cfg.model, cfg.recommender) if s != "reference"):
             resolve_model(source)
-    tokenizer = load_tokenizer(model_src)
-    policy = load_model(str(resume_from / "model") if resume_from else model_src, dtype=torch.float32,
-                        device=d.device)
-    policy.gradient_checkpointing = activation_checkpointing
+    tokenizer = load_tokenizer(cfg.model)
+    lora = bool(cfg.lora_rank)
+    start_from = cfg.model if lora or not resume_from else str(resume_from / "model")
+    policy = load_model(start_from, dtype=torch.float32, device=d.device)
+    if lora and resume_from:
+        load_adapter(policy, resume_from / "adapter")
+    elif lora:
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+    elif cfg.trainable_layers:
+        freeze_all_but_top(policy, cfg.trainable_layers)
+    policy.gradient_checkpointing = cfg.activation_checkpointing
     if not d.enabled and compute != torch.float32:
         policy.autocast_dtype = compute
-    reference = load_model(model_src, dtype=compute, device=d.device).requires_grad_(False)
-    policy, reference = dist.shard(policy, d, compute), dist.shard(reference, d, compute)
-    if recommender == "reference":
+    policy = dist.shard(policy, d, compute)
+    if lora:
+        reference = AdaptersOff(policy)
+    else:
+        reference = dist.shard(load_model(cfg.model, dtype=compute, device=d.device).requires_grad_(False), d,
+                               compute)
+    if cfg.recommender == "reference":
         return Models(policy, reference, tokenizer, reference, tokenizer)
-    rec = dist.shard(load_model(recommender, dtype=compute, device=d.device).requires_grad_(False), d, compute)
-    return Models(policy, reference, tokenizer, rec, load_tokenizer(recommender))
+    rec = load_model(cfg.recommender, dtype=compute, device=d.device).requires_grad_(False)
+    return Models(policy, reference, tokenizer, dist.shard(rec, d, compute), load_tokenizer(cfg.recommender))
 
 
 @dataclass

@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--generator", help="profile writer: model name, directory or .gguf (kar, palr, rlmrec, lg, lg-rating, duet)")
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout) applied to --generator, e.g. "
+                                     "a LoRA run's checkpoints/step_N/adapter")
     p.add_argument("--recommender", help="frozen recommender model (every LLM method)")
     p.add_argument("--data", help="canonical dataset directory (scripts/prepare_data.py)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
@@ -117,7 +119,7 @@ def main(argv=None):
 
     from data import load_dataset
     from data.history import HistoryIndex
-    from eval.profile_cache import ProfileCache, weights_hash
+    from eval.profile_cache import ProfileCache, sha256_text, weights_hash
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
 
@@ -128,10 +130,10 @@ def main(argv=None):
     t0 = time.time()
     models = {}
 
-    def get(name):  # load each distinct model once (generator and recommender are often the same)
-        if name not in models:
-            models[name] = (load_model(name), load_tokenizer(name))
-        return models[name]
+    def get(name, adapter=None):  # load each distinct model once (generator and recommender are often the same)
+        if (name, adapter) not in models:
+            models[name, adapter] = (load_model(name, adapter=adapter), load_tokenizer(name))
+        return models[name, adapter]
 
     rec = gen = gen_tok = cache = None
     if a.method not in CLASSIC:
@@ -141,8 +143,11 @@ def main(argv=None):
     if a.method not in CLASSIC + ("10h", "oracle"):  # the methods whose profiles an LLM writes
         if not a.generator:
             raise SystemExit(f"--generator is required for method {a.method}")
-        gen, gen_tok = get(a.generator)
-        cache = ProfileCache(a.cache, a.method, weights_hash(gen.source))
+        gen, gen_tok = get(a.generator, a.adapter)
+        weights = weights_hash(gen.source)
+        if a.adapter:  # the base weights and the adapter's
+            weights = sha256_text(weights + weights_hash(a.adapter))
+        cache = ProfileCache(a.cache, a.method, weights)
     kw = dict(recommender=rec, generator=gen, gen_tok=gen_tok, cache=cache, hist=HistoryIndex(ds),
               rec_history=a.rec_history, profile_history=a.profile_history, max_new_tokens=a.max_new_tokens,
               review_chars=a.review_chars, gen_batch_size=a.gen_batch_size, prefix=a.response_prefix)

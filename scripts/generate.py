@@ -56,6 +56,8 @@ def read_prompts(path: Path) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="model name, directory, .gguf file or repo id")
+    ap.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a LoRA run's checkpoint "
+                                      "step_N/adapter) applied to --model")
     ap.add_argument("--input", required=True, type=Path)
     ap.add_argument("--output", required=True, type=Path)
     ap.add_argument("--max-new-tokens", type=int, required=True)
@@ -70,7 +72,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     items = read_prompts(args.input)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, adapter=args.adapter)
     tok = load_tokenizer(args.model)
     prompts = encode_prompts(tok, [it["prompt"] if "prompt" in it else it["messages"] for it in items])
 

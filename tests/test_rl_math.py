@@ -355,3 +355,42 @@ def test_sequence_logprob_masks_padding():
     tl = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -0.5, -0.5]])
     m = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     assert sequence_logprob(tl, m).tolist() == [-3.0, -1.0]
+
+
+# ---------------------------------------------------------------- REBEL
+
+
+def test_rebel_loss_hand_values_equal_rewards_and_clamp():
+    from rl.rebel import kl_penalised, rebel_loss, whiten
+
+    old = torch.tensor([[-10.0, -12.0], [-5.0, -5.0]])
+    logp = torch.tensor([[-9.0, -12.5], [-5.0, -4.0]], requires_grad=True)
+    r = torch.tensor([[1.0, 0.0], [0.3, 0.3]])  # pair 1: equal rewards, the target difference is 0
+    loss, m = rebel_loss(logp, old, r, eta=2.0)
+    # pair 0: ((1 - -0.5) / 2 - 1)^2 = (0.75 - 1)^2 = 0.0625; pair 1: ((0 - 1) / 2 - 0)^2 = 0.25
+    assert close(loss, (0.0625 + 0.25) / 2)
+    assert close(m["reward_diff"], 0.5) and close(m["ratio_diff"], (0.75 + 0.5) / 2)
+    loss.backward()
+    # d/dlogp_y = 2 (pred - target) / eta / P; d/dlogp_y' = -that
+    g = logp.grad.tolist()
+    assert close(g[0][0], 2 * (0.75 - 1) / 2 / 2) and close(g[0][1], -2 * (0.75 - 1) / 2 / 2)
+    assert close(g[1][0], 2 * (-0.5) / 2 / 2) and close(g[1][1], -2 * (-0.5) / 2 / 2)
+    # a clamped log-ratio: 100 nats clamped to 20, and no gradient through it
+    lp = torch.tensor([[90.0, -1.0]], requires_grad=True)
+    loss_c, _ = rebel_loss(lp, torch.tensor([[-10.0, -1.0]]), torch.tensor([[0.0, 0.0]]), eta=1.0)
+    assert close(loss_c, 400.0)
+    loss_c.backward()
+    assert lp.grad[0, 0] == 0 and close(lp.grad[0, 1], -40.0)  # clamped side: none; the other: -2 (20 - 0)
+    # micro-batches with global_pairs sum to the full-batch loss
+    parts = [rebel_loss(logp[i:i + 1].detach(), old[i:i + 1], r[i:i + 1], eta=2.0, global_pairs=2)[0] for i in (0, 1)]
+    assert close(sum(p.item() for p in parts), loss)
+    with pytest.raises(ValueError):
+        rebel_loss(logp.detach(), old, r, eta=0.0)
+    with pytest.raises(ValueError):
+        rebel_loss(logp.detach().reshape(-1), old.reshape(-1), r.reshape(-1))
+    # whitening and the KL folded into the reward
+    w = whiten(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert close(w.mean(), 0.0, 1e-6) and close(w.std(correction=0), 1.0, 1e-6)
+    assert torch.equal(whiten(torch.full((4,), 0.7)), torch.zeros(4))
+    assert torch.allclose(kl_penalised(torch.tensor([1.0]), torch.tensor([-3.0]), torch.tensor([-5.0]), 0.2),
+                          torch.tensor([1.0 - 0.2 * 2.0]))
