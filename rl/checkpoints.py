@@ -39,10 +39,14 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
 
 
 def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler, state: dict, d: dist.Dist,
-         keep: int = 2) -> Path | None:
-    """Collective (every rank calls it); rank 0 writes. Returns the checkpoint directory on rank 0."""
+         keep: int = 2, extras: dict | None = None) -> Path | None:
+    """Collective (every rank calls it); rank 0 writes. Returns the checkpoint directory on rank 0.
+
+    optimizer and scheduler may be None (a loop that starts a fresh optimizer for each phase); `extras` names
+    other models saved beside the policy, {"recommender": (model, tokenizer)} -> step_N/recommender/."""
     model_sd = dist.full_state_dict(model)
-    optim_sd = dist.full_optim_state_dict(model, optimizer)
+    optim_sd = dist.full_optim_state_dict(model, optimizer) if optimizer is not None else None
+    extra_sd = {name: dist.full_state_dict(m) for name, (m, _) in (extras or {}).items()}
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -59,9 +63,14 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
                 save_adapter(base, tmp / "adapter", state.get("config", {}).get("model"), state_dict=model_sd)
             else:
                 save_checkpoint(tmp / "model", base.config, model_sd, tokenizer)
-            torch.save(optim_sd, tmp / "optimizer.pt")
+            for name, (m, tok) in (extras or {}).items():
+                save_checkpoint(tmp / name, (m.module if hasattr(m, "module") else m).config, extra_sd[name], tok)
+            if optim_sd is not None:
+                torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
-            full_state = {**state, "step": step, "scheduler": scheduler.state_dict()}
+            full_state = {**state, "step": step}
+            if scheduler is not None:
+                full_state["scheduler"] = scheduler.state_dict()
             (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=2, sort_keys=True, default=str))
             if out.exists():  # a re-run of the same step: replace it
                 shutil.rmtree(out)
@@ -79,12 +88,14 @@ def save(run_dir: Path | str, step: int, model, tokenizer, optimizer, scheduler,
 
 
 def load_training_state(ckpt: Path, model, optimizer, scheduler, d: dist.Dist) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG (the weights were loaded from `ckpt/model` when the
-    model was built). Every rank reads the files (a shared filesystem, as on one node)."""
-    optim_sd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-    dist.load_full_optim_state_dict(model, optimizer, optim_sd)
+    """Restore optimizer, scheduler (each when given) and this rank's RNG (the weights were loaded from
+    `ckpt/model` when the model was built). Every rank reads the files (a shared filesystem, as on one node)."""
+    if optimizer is not None:
+        optim_sd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        dist.load_full_optim_state_dict(model, optimizer, optim_sd)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     rngs = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
     mine = rngs.get(f"rank{d.rank}")
     if mine is not None:

@@ -1,0 +1,339 @@
+"""LangPTune: the profile writer and the recommender that reads its profiles, trained in alternation.
+
+Gao, Zhou, Dai, Joachims, "End-to-end Training for Recommendation with Language-based User Profiles". The loop is
+`train`; one iteration, top to bottom:
+  1. profiles: the writer (greedy) writes the profile of every training target's user, from what came before it
+  2. recommender: --rec-steps updates on those profiles. retrieval: an embedding model (our transformer,
+     mean-pooled) trained with InfoNCE, the next item as positive and in-batch negatives (eval/retrieval.py);
+     rating: the expected-rating reader trained on (profile, history, item, rating)
+  3. the item embeddings are recomputed with the updated recommender
+  4. writer: --writer-steps updates of REBEL (rl/rebel.py; or GRPO): two samples per target, rewarded by the
+     recommender (NDCG@k or MRR of the target among the whole catalogue, the user's history masked; or
+     1 - |y - y_hat| / 4), rewards whitened, the KL to the reference folded in
+  5. validation: greedy profiles of the valid targets, ranked by the recommender: NDCG@k, MRR, Recall, Precision
+A target is a user's interaction rated >= --min-rating (the next item the user liked). Every phase starts a fresh
+AdamW. A checkpoint per iteration holds the writer (model or LoRA adapter) and the recommender.
+
+How this departs from LangPTune's public code, each a flag or a size:
+  - the embedding model is our own transformer (SmolLM2 by default, mxbai-embed-large there), mean-pooled;
+  - the cpu-demo preset is tiny (48 targets, 64-token profiles); langptune-paper has the public sizes;
+  - --writer-loss grpo trains the writer with the GRPO loss on the same two-sample groups instead of REBEL.
+Runs in one process (FSDP for this loop is not built yet: torchrun with several ranks is refused).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.io import write_text_atomic
+from eval.profiles import HistoryOptions, encode_prompt, item_title, parse_profile, profile_messages, write_profiles
+from model import load_model, load_tokenizer
+from model.sampler import generate, row_seed
+
+from . import checkpoints
+from . import distributed as dist
+from . import loop
+from .config import ConfigError, must, one_of, save_config
+from .grpo import group_advantages, grpo_loss
+from .optim import make_optimizer
+from .rebel import kl_penalised, rebel_loss, whiten
+from .rollout import batched_logprobs, completion_logprobs, make_batch
+from .tracking import Tracker
+
+
+@dataclass
+class LangPTuneConfig(loop.RunConfig):
+    """LangPTune. Every field is a flag (--field-name); --preset picks the defaults. --lr is the writer's."""
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "profile writer (and its reference)"})
+    rec_model: str = field(default="", metadata={"help": "the recommender's model; empty: the writer's model"})
+    rec_kind: str = field(default="retrieval", metadata={"help": "retrieval (InfoNCE) | rating (expected rating)"})
+    recommender: str = "reference"  # unused: the recommender here is trained (kept for the shared model builder)
+    data: str = field(default="", metadata={"help": "canonical dataset dir; empty: the synthetic default"})
+    run_dir: str = "runs/langptune"
+    iterations: int = 1
+    rec_steps: int = 40
+    writer_steps: int = 10
+    # targets and profiles
+    targets: int = field(default=48, metadata={"help": "training targets (one per user, its last liked item)"})
+    min_rating: int = 4
+    min_history: int = 5
+    style: str = field(default="lg", metadata={"help": "the writer's prompt (eval/profiles.py styles)"})
+    user_history: int = 20
+    review_chars: int = 80
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 64
+    rec_history: int = field(default=10, metadata={"help": "recent item titles the recommender reads"})
+    # recommender
+    rec_lr: float = 1e-5
+    rec_batch: int = field(default=8, metadata={"help": "InfoNCE batch: positives and in-batch negatives"})
+    rec_temperature: float = 0.1
+    rec_rating_loss: str = field(default="ce", metadata={"help": "rating: ce (over '1'..'5') | mse"})
+    embed_tokens: int = 192
+    # writer
+    writer_loss: str = field(default="rebel", metadata={"help": "rebel | grpo"})
+    reward: str = field(default="ndcg", metadata={"help": "retrieval: ndcg | mrr"})
+    reward_k: int = 10
+    prompts_per_step: int = 4
+    temperature: float = 1.0
+    eta: float = 1.0
+    kl_coef: float = 0.0
+    micro_batch_rows: int = 4
+    lr: float = 1e-5
+
+    def check(self):
+        super().check()
+        one_of("rec_kind", self.rec_kind, ("retrieval", "rating"))
+        one_of("writer_loss", self.writer_loss, ("rebel", "grpo"))
+        one_of("reward", self.reward, ("ndcg", "mrr"))
+        one_of("rec_rating_loss", self.rec_rating_loss, ("ce", "mse"))
+        for name in ("iterations", "targets", "rec_batch", "prompts_per_step", "micro_batch_rows", "max_new_tokens",
+                     "reward_k", "embed_tokens", "max_prompt_tokens"):
+            must(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("rec_steps", "writer_steps", "min_history", "user_history", "rec_history", "review_chars"):
+            must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        must(1 <= self.min_rating <= 5, "min_rating", "must be in 1..5", self.min_rating)
+        must(self.rec_batch >= 2 or self.rec_kind == "rating", "rec_batch", "must be >= 2 (in-batch negatives)",
+             self.rec_batch)
+        for name in ("rec_lr", "rec_temperature", "temperature", "eta"):
+            must(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        must(self.kl_coef >= 0, "kl_coef", "must be >= 0", self.kl_coef)
+
+
+PRESETS = {
+    # offline, synthetic catalogue, SmolLM2-135M-Instruct as writer and embedding model: one iteration in about
+    # ten minutes on two cores
+    "cpu-demo": dict(iterations=1, targets=48, rec_steps=40, writer_steps=10, prompts_per_step=4, rec_batch=8,
+                     max_new_tokens=64, user_history=20, review_chars=80, lr=1e-5, rec_lr=1e-5, lora_rank=0,
+                     val_examples=48, save_every=1, val_every=1),
+    # the public code's hyper-parameters (Llama-3-8B with its top 4 blocks trained; mxbai-embed-large there)
+    "langptune-paper": dict(model="meta-llama/Llama-3.1-8B-Instruct", iterations=5, rec_steps=2500,
+                            writer_steps=500, lr=3e-7, rec_lr=3e-7, eta=1.0, kl_coef=0.0, max_new_tokens=512,
+                            trainable_layers=4, targets=100_000, prompts_per_step=32, rec_batch=64,
+                            user_history=50, review_chars=200, max_prompt_tokens=4096, val_examples=1000,
+                            save_every=1, val_every=1, activation_checkpointing=True),
+}
+
+
+@dataclass
+class Target:
+    """A user's liked interaction: the writer profiles the user from what came before `timestamp`."""
+    user_id: str
+    item_id: str
+    timestamp: int
+    rating: int
+
+
+def liked_targets(ds, hx, split: str, cfg: LangPTuneConfig, limit: int) -> list[Target]:
+    """One target per user of the split (the user's last interaction there rated >= min_rating, with at least
+    min_history interactions before it), users in a seeded order, at most `limit`."""
+    last: dict[str, object] = {}
+    for x in ds.split(split):
+        if x.rating >= cfg.min_rating and len(hx.user_history(x.user_id, x.timestamp, cfg.min_history)) >= cfg.min_history:
+            last[x.user_id] = x  # interactions are in time order: the last one wins
+    users = sorted(last)
+    order = loop.epoch_order(len(users), 0, cfg.seed)
+    return [Target(u, last[u].item_id, last[u].timestamp, last[u].rating) for u in (users[i] for i in order)][:limit]
+
+
+class Scorer:
+    """The trainable recommender behind one interface: fit on (profile, target) pairs, and score profiles."""
+
+    def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist):
+        from eval import retrieval as R
+
+        self.cfg, self.ds, self.hx, self.R = cfg, ds, hx, R
+        src = cfg.rec_model or cfg.model
+        self.model = load_model(src, dtype=torch.float32, device=d.device)
+        self.tok = load_tokenizer(src)
+        self.embedder = R.Embedder(self.model, self.tok, max_tokens=cfg.embed_tokens, batch_size=16)
+        items = sorted(ds.items)
+        self.index = R.ItemIndex(self.embedder, items, [R.item_text(ds.items[i]) for i in items])
+
+    def user_text(self, t: Target, profile: str | None) -> str:
+        titles = [item_title(self.ds, h.item_id) for h in self.hx.user_history(t.user_id, t.timestamp,
+                                                                              self.cfg.rec_history)]
+        return self.R.user_text(profile, titles)
+
+    def exclude(self, targets: list[Target]) -> torch.Tensor:
+        """(B, N) True on the items each user interacted with before the target (never recommended again)."""
+        mask = torch.zeros(len(targets), len(self.index.index_of), dtype=torch.bool)
+        for b, t in enumerate(targets):
+            for h in self.hx.user_history(t.user_id, t.timestamp, 10 ** 9):
+                mask[b, self.index.index_of[h.item_id]] = True
+        return mask
+
+    def fit(self, targets: list[Target], profiles: dict[str, str | None], steps: int, seed: int) -> dict:
+        """`steps` InfoNCE updates of a fresh AdamW on batches of (user text, next item text) pairs."""
+        if steps == 0:
+            return {}
+        cfg, R = self.cfg, self.R
+        self.model.train()
+        opt = make_optimizer(self.model, cfg.rec_lr, 0.0)
+        losses, accs = [], []
+        for s in range(steps):
+            idx = loop.step_indices(s, min(cfg.rec_batch, len(targets)), len(targets), seed)
+            batch = [targets[i] for i in idx]
+            users = self.embedder.embed([self.user_text(t, profiles[t.user_id]) for t in batch], grad=True)
+            items = self.embedder.embed([R.item_text(self.ds.items[t.item_id]) for t in batch], grad=True)
+            loss, m = R.info_nce(users, items, cfg.rec_temperature)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            accs.append(float(m["accuracy"]))
+        self.model.eval()
+        self.index.refresh()
+        return {"rec_loss_first": losses[0], "rec_loss_last": sum(losses[-5:]) / len(losses[-5:]),
+                "rec_accuracy": sum(accs[-5:]) / len(accs[-5:])}
+
+    @torch.no_grad()
+    def rank(self, targets: list[Target], profiles: list[str | None]) -> torch.Tensor:
+        """(B,) 1-based rank of each target item among the catalogue, its user's history masked."""
+        users = self.embedder.embed([self.user_text(t, p) for t, p in zip(targets, profiles)])
+        targets_idx = torch.tensor([self.index.index_of[t.item_id] for t in targets])
+        return self.R.target_ranks(self.index.scores(users), targets_idx, self.exclude(targets))
+
+    def reward(self, targets: list[Target], profiles: list[str | None]) -> torch.Tensor:
+        ranks = self.rank(targets, profiles)
+        return self.R.ndcg_at_k(ranks, self.cfg.reward_k) if self.cfg.reward == "ndcg" else self.R.mrr(ranks)
+
+    def metrics(self, targets: list[Target], profiles: list[str | None]) -> dict:
+        R, ranks = self.R, self.rank(targets, profiles)
+        out = {"mrr": float(R.mrr(ranks).mean())}
+        for k in (5, 10, 20):
+            out[f"ndcg@{k}"] = float(R.ndcg_at_k(ranks, k).mean())
+            out[f"recall@{k}"] = float(R.recall_at_k(ranks, k).mean())
+            out[f"precision@{k}"] = float(R.precision_at_k(ranks, k).mean())
+        return out
+
+
+def write_greedy(models: loop.Models, cfg: LangPTuneConfig, ds, hx, targets: list[Target]) -> list[str | None]:
+    """The writer's greedy profile of each target's user (None when the answer does not parse)."""
+    hist = HistoryOptions(cfg.user_history, 0, cfg.review_chars)
+    prompts = [encode_prompt(models.tokenizer, profile_messages(cfg.style, hx, ds, t, hist), cfg.max_prompt_tokens)
+               for t in targets]
+    texts = write_profiles(models.policy, models.tokenizer, prompts, cfg.max_new_tokens)
+    return [p[0] if p else None for p in (parse_profile(cfg.style, t)[0] for t in texts)]
+
+
+def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer: Scorer, ds, hx,
+                targets: list[Target], optimizer, seed: int) -> dict:
+    """One writer update: two samples per target, rewarded by the recommender, REBEL (or GRPO) on the pairs."""
+    tok, policy = models.tokenizer, models.policy
+    hist = HistoryOptions(cfg.user_history, 0, cfg.review_chars)
+    batch_targets = [targets[i] for i in loop.step_indices(step, min(cfg.prompts_per_step, len(targets)),
+                                                           len(targets), seed)]
+    prompts = [encode_prompt(tok, profile_messages(cfg.style, hx, ds, t, hist), cfg.max_prompt_tokens)
+               for t in batch_targets]
+    policy.eval()
+    with torch.no_grad():
+        out = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, n=2, eos_ids=tok.eos_ids,
+                       pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size,
+                       seeds=[row_seed(seed * 1_000_003 + step, p, j) for p in range(len(prompts)) for j in (0, 1)])
+    comps = out.completions()
+    texts = [tok.decode([t for t in c if t not in tok.eos_ids]) for c in comps]
+    parsed = [parse_profile(cfg.style, t)[0] for t in texts]
+    rows = [t for t in batch_targets for _ in (0, 1)]
+    rewards = scorer.reward(rows, [p[0] if p else None for p in parsed]).float()  # (2P,)
+    batch = make_batch(prompts, comps, tok.pad_token_id, repeat=2)
+    V = tok.vocab_size
+    with torch.no_grad():
+        old_tok = out.logprobs[:, :batch.completion_len]
+        old = (old_tok * batch.mask).sum(1)  # (2P,) sequence log-probs of the policy that sampled
+        if cfg.kl_coef:
+            ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V)
+                   * batch.mask).sum(1)
+            shaped = kl_penalised(rewards, old, ref, cfg.kl_coef)
+        else:
+            shaped = rewards
+    shaped = whiten(shaped)
+    policy.train()
+    logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V)
+    if cfg.writer_loss == "rebel":
+        logp = (logp_tok * batch.mask).sum(1)
+        loss, m = rebel_loss(logp.view(-1, 2), old.view(-1, 2), shaped.view(-1, 2), eta=cfg.eta)
+    else:
+        adv, _ = group_advantages(shaped, 2)
+        loss, m = grpo_loss(logp_tok, old_tok, None, adv, batch.mask)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"writer_loss": float(loss), "reward_mean": float(rewards.mean()), "grad_norm": float(gn),
+            "format_failure_rate": sum(p is None for p in parsed) / len(parsed),
+            "response_length": float(batch.mask.sum(1).mean())}
+
+
+def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
+    """The alternation: for each iteration, profiles -> recommender -> item embeddings -> writer -> validation."""
+    cfg.check()
+    d = dist.setup(cfg.device or None)
+    if d.enabled:
+        raise ConfigError("train_langptune.py runs in one process (FSDP for this loop is not built yet): run it "
+                          "without torchrun or with --nproc_per_node=1")
+    if cfg.rec_kind != "retrieval":
+        raise ConfigError("--rec-kind rating is not built into this loop yet: use --rec-kind retrieval")
+    torch.manual_seed(cfg.seed)
+    from .lettingo import dataset
+
+    ds, hx = dataset(cfg)
+    train_targets = liked_targets(ds, hx, "train", cfg, cfg.targets)
+    valid_targets = liked_targets(ds, hx, "valid", cfg, cfg.val_examples)
+    if not train_targets or not valid_targets:
+        raise ConfigError(f"no training or validation target rated >= --min-rating {cfg.min_rating} with "
+                          f"--min-history {cfg.min_history} items before it")
+    resume_from = loop.resume_point(cfg)
+    models = loop.build_models(cfg, resume_from, d)  # the writer and its reference
+    scorer = Scorer(cfg, ds, hx, d)
+    start = 0
+    if resume_from:
+        start = checkpoints.load_training_state(resume_from, models.policy, None, None, d)["step"]
+        scorer.model.load_state_dict(load_model(resume_from / "recommender").state_dict())
+    run_dir = Path(cfg.run_dir)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    tracker = Tracker(run_dir, enabled=d.is_main)
+    end = min(cfg.iterations, start + cfg.stop_after) if cfg.stop_after else cfg.iterations
+    last: dict = {}
+    for it in range(start, end):
+        t0 = time.perf_counter()
+        seed = cfg.seed * 1_000_003 + it
+        # 1. profiles of the training targets, written by the current writer (cached per iteration)
+        profiles = dict(zip([t.user_id for t in train_targets], write_greedy(models, cfg, ds, hx, train_targets)))
+        write_text_atomic(run_dir / "profiles" / f"iteration_{it}.json",
+                          json.dumps(profiles, ensure_ascii=False, indent=1))
+        # 2-3. the recommender on them, then the item embeddings
+        rec_m = scorer.fit(train_targets, profiles, cfg.rec_steps, seed)
+        if not cfg.rec_steps:
+            scorer.index.refresh()
+        # 4. the writer against the updated recommender
+        writer_m = []
+        optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
+        for s in tqdm(range(cfg.writer_steps), desc=f"writer {it + 1}", disable=not d.is_main):
+            writer_m.append(writer_step(s, cfg, models, scorer, ds, hx, train_targets, optimizer, seed))
+            tracker.scalars(writer_m[-1], it * cfg.writer_steps + s + 1, prefix="writer/")
+        # 5. validation: greedy profiles of the valid targets, ranked by the recommender
+        val_profiles = write_greedy(models, cfg, ds, hx, valid_targets)
+        val = scorer.metrics(valid_targets, val_profiles)
+        val["format_failure_rate"] = sum(p is None for p in val_profiles) / len(val_profiles)
+        last = {"iteration": it + 1, **rec_m, **{f"val_{k}": v for k, v in val.items()},
+                "seconds": time.perf_counter() - t0}
+        if writer_m:
+            last.update({k: sum(m[k] for m in writer_m) / len(writer_m) for k in writer_m[0]})
+        tracker.scalars(last, it + 1, prefix="iteration/")
+        tracker.text("profiles", "\n\n---\n\n".join(f"**{t.user_id}**: {p}" for t, p in
+                                                   zip(valid_targets[:3], val_profiles[:3])), it + 1)
+        checkpoints.save(run_dir, it + 1, models.policy, models.tokenizer, None, None,
+                         {"config": dataclasses.asdict(cfg)}, d, keep=cfg.keep_checkpoints,
+                         extras={"recommender": (scorer.model, scorer.tok)})
+    tracker.close()
+    dist.teardown()
+    return last
