@@ -55,6 +55,13 @@ class HistoryIndex:
         j = bisect_left(tr.ts, t)
         return [self._entry(x, review_chars, False) for x in tr.idx[max(0, j - k):j]]
 
+    def user_item_ids(self, user_id, t):
+        """Ids of every item the user interacted with at a timestamp < t (all splits), oldest first."""
+        tr = self.users.get(user_id)
+        if tr is None:
+            return []
+        return [self.inter[j].item_id for j in tr.idx[:bisect_left(tr.ts, t)]]
+
     def item_history(self, item_id, t, k, exclude_user=None, review_chars=200):
         """The item's last k reviews with timestamp < t by users other than `exclude_user`, oldest first."""
         tr = self.items.get(item_id)

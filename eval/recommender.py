@@ -108,8 +108,7 @@ class Recommender:
         """Rendered prompts (each ending right before the digit) -> (expected (N,), probs (N, 5))."""
         if not texts:
             return torch.zeros(0), torch.zeros(0, 5)
-        seqs = [self.tok.encode(t, add_special_tokens=False) for t in texts]
-        digit = torch.tensor(self.digit_ids, device=self.device)
+        seqs = self.encode(texts)
         P = self.shared_prefix_len(seqs) if self.share_prefix else 0
         prefix = None
         if P:  # the common prefix once: its keys and values, batch 1
@@ -122,9 +121,19 @@ class Recommender:
             if prefix is not None:  # key slots: [prefix P][padding][suffix]; positions = cumsum(mask) - 1
                 cache = prefix.repeat_interleave(len(idx), max_len=P + ids.shape[1])
                 mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, P), mask], dim=1)  # (B, P + T)
-            logits = self.model(ids, attention_mask=mask, kv_cache=cache, num_logits_to_keep=1)  # (B, 1, V)
-            out[idx] = logits[:, -1, :].index_select(-1, digit).float().cpu()  # (B, 5)
+            out[idx] = self.read_digits(ids, mask, cache).float().cpu()  # (B, 5)
         return expected_rating(out)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Rendered prompts -> their token ids (the chat template already wrote any special token)."""
+        return [self.tok.encode(t, add_special_tokens=False) for t in texts]
+
+    def read_digits(self, ids: torch.Tensor, mask: torch.Tensor, cache=None) -> torch.Tensor:
+        """One forward of left-padded prompts, ids and mask (B, T) on the device (mask over the cache's keys too
+        when there is one) -> the logits of '1'..'5' at the last position (B, 5), in the model's dtype, with
+        gradients when autograd is on (rl/rating_reader.py)."""
+        logits = self.model(ids, attention_mask=mask, kv_cache=cache, num_logits_to_keep=1)  # (B, 1, V)
+        return logits[:, -1, :].index_select(-1, torch.tensor(self.digit_ids, device=logits.device))
 
     def shared_prefix_len(self, seqs: Sequence[Sequence[int]]) -> int:
         """Tokens every prompt starts with, short of the shortest prompt (each keeps >= 1 token of its own).

@@ -253,6 +253,13 @@ class Transformer(nn.Module):
             x = self._layers(input_ids, position_ids, mask, kv_cache, num_logits_to_keep)  # (B, T', D)
             return x if return_hidden else self.lm_head(x)
 
+    def hidden_states(self, input_ids, attention_mask=None):
+        """input_ids (B, T) -> the final normalised hidden states (B, T, D): the trunk of `forward` without the
+        lm_head (embeddings, blocks, final norm), with gradients when autograd is on. attention_mask (B, T), 1 for
+        real tokens, may pad on either side; positions are cumsum(mask) - 1, as in forward. For embeddings
+        (eval/retrieval.py) rather than next-token logits: lm_head(hidden_states(x)) == forward(x)."""
+        return self.forward(input_ids, attention_mask=attention_mask, return_hidden=True)
+
     def _autocast(self, dev):
         """torch.autocast in `autocast_dtype` when set; else nothing (a caller's own autocast stays in force)."""
         if self.autocast_dtype is None:
