@@ -186,7 +186,7 @@ class Scorer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             accs.append(float(m["accuracy"]))
         self.model.eval()
         self.index.refresh()
@@ -266,7 +266,7 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer: Sc
     gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"writer_loss": float(loss), "reward_mean": float(rewards.mean()), "grad_norm": float(gn),
+    return {"writer_loss": float(loss.detach()), "reward_mean": float(rewards.mean()), "grad_norm": float(gn),
             "format_failure_rate": sum(p is None for p in parsed) / len(parsed),
             "response_length": float(batch.mask.sum(1).mean())}
 
