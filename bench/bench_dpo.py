@@ -88,14 +88,14 @@ def run_ours(a) -> dict:
 
     import torch
 
-    from rl import distributed as D
+    from rl import distributed as dist
     from rl.dpo_trainer import DPOConfig, dpo_step, reference_logprobs
     from rl.loop import Run, build_models
     from rl.optim import make_optimizer, make_scheduler
     from rl.tracking import Tracker
 
     torch.manual_seed(0)
-    d = D.setup("cpu")
+    d = dist.setup("cpu")
     cfg = DPOConfig(model=a.model, pairs_per_step=a.pairs, micro_batch_pairs=MICRO_PAIRS, beta=BETA, lr=5e-6,
                     max_steps=a.steps + 1, log_text_every=0, device="cpu")
     models = build_models(cfg, None, d)
@@ -189,11 +189,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per side (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 450)")
-    p.add_argument("--profile-tokens", type=int, default=PROFILE_TOKENS, help="profile length (the issue's: 100)")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (default 450)")
+    p.add_argument("--profile-tokens", type=int, default=PROFILE_TOKENS, help="profile length (default 100)")
     p.add_argument("--model", default=MODEL, help="model name or HF directory (both sides)")
     p.add_argument("--pairs", type=int, default=PAIRS,
-                   help=f"preference pairs per optimizer step, a multiple of {MICRO_PAIRS} (the issue's: 16)")
+                   help=f"preference pairs per optimizer step, a multiple of {MICRO_PAIRS} (default 16)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     a = p.parse_args()
     if a.pairs < MICRO_PAIRS or a.pairs % MICRO_PAIRS:

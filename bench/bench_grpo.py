@@ -102,16 +102,16 @@ def run_ours(a) -> dict:
 
     import torch
 
-    import model.sampler as S
-    import rl.grpo_trainer as GT
-    from rl import distributed as D
+    import model.sampler as sampler
+    import rl.grpo_trainer as grpo_trainer
+    from rl import distributed as dist
     from rl.loop import Run, build_models
     from rl.optim import make_optimizer, make_scheduler
     from rl.tracking import Tracker
 
     torch.manual_seed(0)
-    d = D.setup("cpu")
-    cfg = GT.GRPOConfig(model=a.model, env="bench", prompts_per_step=a.prompts, group_size=G, temperature=1.0,
+    d = dist.setup("cpu")
+    cfg = grpo_trainer.GRPOConfig(model=a.model, env="bench", prompts_per_step=a.prompts, group_size=G, temperature=1.0,
                         max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=a.prompts,
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
                         max_steps=a.steps + 1, device="cpu", lora_rank=a.lora_rank,
@@ -122,16 +122,16 @@ def run_ours(a) -> dict:
     env = fixed_prompt_env(prompts, target_token(tok), tok)
     # exactly --new-tokens tokens per row, as TRL's min_new_tokens: EOS is held back until the last one
     def generate_full_length(model, prompts, max_new_tokens, **kw):
-        return S.generate(model, prompts, max_new_tokens, min_new_tokens=max_new_tokens, **kw)
+        return sampler.generate(model, prompts, max_new_tokens, min_new_tokens=max_new_tokens, **kw)
 
-    GT.generate = generate_full_length
+    grpo_trainer.generate = generate_full_length
     optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, 0, cfg.max_steps, "constant")
     run = Run(optimizer, scheduler, Tracker(tempfile.gettempdir(), enabled=False), 0, cfg.max_steps)
     times, phases = [], {"rollout": [], "scoring": [], "update": []}
     for step in range(a.steps + 1):
         t0 = time.perf_counter()
-        m = GT.grpo_step(step, cfg, models, env, run, d)
+        m = grpo_trainer.grpo_step(step, cfg, models, env, run, d)
         dt = time.perf_counter() - t0
         print(f"ours step {step}{' (warm-up)' if step == 0 else ''}: {dt:.2f} s, rollout {m['time_rollout']:.2f} "
               f"scoring {m['time_scoring']:.2f} update {m['time_update']:.2f}, response length "
@@ -239,11 +239,11 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--old-logprobs", default="sampler", choices=["sampler", "recompute"],
                    help="ours: old log-probs from the sampler (no extra forward, as TRL here) or recomputed")
-    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (the issue's: 500)")
-    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per sample (the issue's: 128)")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (default 500)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens per sample (default 128)")
     p.add_argument("--model", default=MODEL, help="model name or HF directory (both sides)")
     p.add_argument("--prompts", type=int, default=N_PROMPTS,
-                   help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (the issue's: 4)")
+                   help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (default 4)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     p.add_argument("--lora-rank", type=int, default=0, help="(one side) our policy with LoRA adapters of this rank")
     p.add_argument("--trainable-layers", type=int, default=0, help="(one side) train only our top N blocks")

@@ -2,14 +2,14 @@
 
 - `duet_messages`: DUET's single-pass profile prompt for a (user, item) pair (paper section 3.2-3.3, Figure 3):
   the user's history, the item's reviews by other users, both averages; the answer is, for the user and then for
-  the item, a cue, a self-constructed prompt and a profile, in the tags of DESIGN.md. `parse_duet` is its
+  the item, a cue, a self-constructed prompt and a profile, in the tags of the DUET paper's code. `parse_duet` is its
   strict parser.
 - `kar_messages`, `palr_messages`, `rlmrec_messages`, `lg_messages`: the zero-shot user-profile prompts of the
   paper's appendix A.2 (written there for Yelp "businesses"; here the word is "item"). RLMRec answers in JSON
   (`parse_rlmrec`).
 - `recommender_prompt`: the frozen recommender's rating prompt, with profiles (DUET, baselines, oracle) or
   without (10H: the ten most recent interactions only). The assistant turn is opened with an answer prefix that
-  ends right before the rating digit (as Reason4Rec's "Predicted Rating: ", DESIGN.md).
+  ends right before the rating digit (as Reason4Rec's "Predicted Rating: ").
 
 Histories are lists of `data.history.HistoryEntry` (oldest first). Prompts are chat messages
 [{"role", "content"}]; the caller renders them with the model's chat template.
@@ -73,7 +73,7 @@ _DUET_EXAMPLE = (
 
 def duet_messages(user_hist, item_hist, user_avg, item_avg, item_title: str, with_reviews: bool = True):
     """DUET's one-pass prompt (paper 3.2 cue extraction + 3.3 self-prompt construction, Figure 3), shortened for
-    small models and closed by a one-shot example of the output format (tags as in DESIGN.md)."""
+    small models and closed by a one-shot example of the output format (the DUET tags)."""
     return _user(
         "From the data below, write a profile of the USER and a profile of the ITEM for a rating predictor.\n"
         "For each: a cue (one short phrase capturing the main tendency, no full sentence), a constructed prompt "

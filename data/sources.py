@@ -3,7 +3,7 @@
 Every source is reduced to
     review: (user_id: str, item_id: str, rating: int 1..5, timestamp: int seconds, text: str)
     item:   (item_id: str, title: str, description: str)
-A parser raises BadRecord with a reason for an unusable line. Field names follow ../shared/README.md:
+A parser raises BadRecord with a reason for an unusable line. Field names follow the official files:
 - Amazon 2014: reviews JSON lines (reviewerID, asin, overall, unixReviewTime, reviewText);
   meta one Python dict literal a line (asin, title, categories [[...]], description) -> ast.literal_eval.
 - Amazon 2018: reviews as 2014; meta JSON lines (asin, title, category [...], description [...]).

@@ -91,9 +91,10 @@ def ranking_from_predictions(pos_rows: list[dict], neg_rows: list[dict], n: int,
 
 # ------------------------------------------------------------------------------------------------ classic
 def classic_predictions(method: str, ds, examples) -> np.ndarray:
-    from eval import baselines as B
+    from eval import baselines
 
-    cls = {"global-mean": B.GlobalMean, "user-mean": B.UserMean, "item-mean": B.ItemMean, "mf": B.BiasedMF}[method]
+    cls = {"global-mean": baselines.GlobalMean, "user-mean": baselines.UserMean, "item-mean": baselines.ItemMean,
+           "mf": baselines.BiasedMF}[method]
     train = [(x.user_id, x.item_id, x.rating) for x in ds.split("train")]
     valid = [(x.user_id, x.item_id, x.rating) for x in ds.split("valid")] if method == "mf" else None
     model = cls().fit(train, valid)

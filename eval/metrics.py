@@ -3,7 +3,7 @@
 Rating (DUET paper, Table 1): MAE and RMSE of the continuous prediction; Accuracy and macro-F1 over the
 five classes of round(clip(y_hat, 1, 5)) against y. Format failures are counted apart and never enter
 MAE/RMSE (DUET's own metric code keeps failed predictions inside MAE and compares floats exactly for
-Accuracy; we do not, see shared/DESIGN.md).
+Accuracy; we do not).
 
 Conventions, fixed here:
 - Rounding is half-up: class = floor(clip(y_hat, lo, hi) + 0.5), so 3.5 -> 4 and 2.5 -> 3 (numpy's round

@@ -2,7 +2,7 @@
 
 For a prompt that ends right before the rating digit (the chat template with the assistant turn opened by an
 answer prefix such as `11. "Title" - rated `, data/prompts.py), the recommender reads the next-token logits of '1'..'5', renormalises them with a softmax over those
-five tokens only, and returns the expectation  y_hat = sum_k k * p(k),  k = 1..5  (Reason4Rec's scoring; DESIGN.md).
+five tokens only, and returns the expectation  y_hat = sum_k k * p(k),  k = 1..5  (Reason4Rec's scoring).
 No generation, hence no parsing failures, and a continuous score for the reward 1 - |y - y_hat| / 4.
 
     rec = Recommender(model, tokenizer, batch_size=8)

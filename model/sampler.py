@@ -248,15 +248,3 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
             raise ValueError(f"prompt {i}: expected a string or a list of {{'role', 'content'}} messages, "
                              f"got {type(p).__name__}")
     return out
-
-
-def generate_text(model, tokenizer, prompts, max_new_tokens: int, **kw) -> list[str]:
-    """Texts in (raw strings or chat message lists), texts out: R = len(prompts) * n strings, row b*n + j is
-    sample j of prompt b, special tokens (the EOS) left out. Keyword arguments go to `generate`."""
-    kw.setdefault("eos_ids", tokenizer.eos_ids)
-    kw.setdefault("pad_id", tokenizer.pad_token_id)
-    kw.setdefault("vocab_limit", tokenizer.vocab_size)
-    if kw.get("stop_texts"):
-        kw.setdefault("decode", tokenizer.decode)
-    out = generate(model, encode_prompts(tokenizer, prompts), max_new_tokens, **kw)
-    return [tokenizer.decode(ids) for ids in out.completions()]

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,3 +90,15 @@ def parse_config(cls, presets: dict[str, dict], argv=None, default_preset: str |
 def save_config(cfg, path: Path):
     """The resolved config as JSON, written atomically."""
     write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def run_cli(cls, presets: dict, train, argv=None, default_preset: str = "cpu-demo"):
+    """A trainer's entry point: flags -> config (checked) -> train(cfg, preset) -> its final metrics as one JSON
+    line on rank 0. A user's error (a bad flag, a missing model or data path) is one line and exit status 2."""
+    from .tracking import summary_line
+
+    with exit_on_user_error():
+        cfg, preset = parse_config(cls, presets, argv, default_preset)
+        final = train(cfg, preset)
+    if final and os.environ.get("RANK", "0") == "0":
+        print(summary_line(final))

@@ -1,7 +1,7 @@
 """GRPO math: group-relative advantages, the clipped surrogate, the k3 KL, loss aggregation.
 
 Pure functions; shapes in comments. B = sequences in the (micro-)batch, T = completion positions,
-mask (B, T) of 0/1 with 1 on the completion tokens (first EOS included, see rl/logprobs.completion_mask).
+mask (B, T) of 0/1 with 1 on the completion tokens (first EOS included, see rl/rollout.make_batch).
 Losses return (loss, metrics): metrics are 0-dim detached tensors (no device sync here), local to the
 micro-batch given, so the training loop can average or sum them as it logs.
 

@@ -266,25 +266,35 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
             run.scheduler.step()
     t3 = time.perf_counter()
 
-    # metrics: token-weighted over all ranks; the loss summed over ranks; rewards over the whole global batch
-    metrics = means.reduce(d)
-    metrics["loss"] = float(dist.all_sum(torch.tensor(losses, dtype=torch.float64), d).mean())
-    failed = torch.cat([e.failed for e in episodes]).float()
-    lengths = float(sum(len(c) for e in episodes for c in e.completions))
-    r_all = dist.all_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), failed.sum(), len(rewards), lengths,
-                                       adv_m["zero_std_frac"] * len(episodes)], dtype=torch.float64), d).tolist()
-    n_rows = r_all[3]
-    mean = r_all[0] / n_rows
-    metrics.update(
-        reward_mean=mean, reward_std=math.sqrt(max(0.0, r_all[1] / n_rows - mean ** 2)),
-        format_failure_rate=r_all[2] / n_rows, response_length=r_all[4] / n_rows,
-        zero_adv_group_frac=r_all[5] / (n_rows / G), ratio_max=float(dist.all_max(torch.tensor(ratio_max), d)),
-        grad_norm=sum(grad_norms) / len(grad_norms), lr=run.scheduler.get_last_lr()[0],
-        time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2,
-        tokens_per_second=r_all[4] / max(1e-9, t1 - t0), **{f"env_{k}": v for k, v in info.items()})
+    metrics = step_metrics(cfg, episodes, means, losses, grad_norms, ratio_max, adv_m, run, d)
+    metrics.update(time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2,
+                   tokens_per_second=metrics["response_length"] * len(rewards) * d.world / max(1e-9, t1 - t0),
+                   **{f"env_{k}": v for k, v in info.items()})
     if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
         e = episodes[0]
         shown = [f"**reward {e.rewards[j]:.3f}**{' (format failure)' if e.failed[j] else ''}\n\n```\n{e.texts[j]}\n```"
                  for j in range(min(3, G))]
         run.tracker.text("rollouts", "\n\n---\n\n".join(shown), step + 1)
+    return metrics
+
+
+def step_metrics(cfg: GRPOConfig, episodes: list[Episode], means: TokenMeans, losses: list[float],
+                 grad_norms: list[float], ratio_max: float, adv_m: dict, run: loop.Run, d: dist.Dist) -> dict:
+    """The step's logged figures, the same on every rank: token-weighted means of the loss terms, the loss as
+    back-propagated (summed over ranks), and the rewards and lengths of the whole global batch."""
+    G = cfg.group_size
+    metrics = means.reduce(d)
+    metrics["loss"] = float(dist.all_sum(torch.tensor(losses, dtype=torch.float64), d).mean())
+    rewards = torch.cat([e.rewards for e in episodes])  # (N * G,)
+    failed = torch.cat([e.failed for e in episodes]).float()
+    lengths = float(sum(len(c) for e in episodes for c in e.completions))
+    tot = dist.all_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), failed.sum(), len(rewards), lengths,
+                                     adv_m["zero_std_frac"] * len(episodes)], dtype=torch.float64), d).tolist()
+    n_rows = tot[3]
+    mean = tot[0] / n_rows
+    metrics.update(
+        reward_mean=mean, reward_std=math.sqrt(max(0.0, tot[1] / n_rows - mean ** 2)),
+        format_failure_rate=tot[2] / n_rows, response_length=tot[4] / n_rows, zero_adv_group_frac=tot[5] / (n_rows / G),
+        ratio_max=float(dist.all_max(torch.tensor(ratio_max), d)), grad_norm=sum(grad_norms) / len(grad_norms),
+        lr=run.scheduler.get_last_lr()[0])
     return metrics

@@ -34,7 +34,7 @@ class RunConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --run-dir"})
-    stop_after: int = field(default=0, metadata={"help": "end this session after N steps (the schedule still "
+    stop_after: int = field(default=0, metadata={"help": "stop this run after N steps (the schedule still "
                                                          "spans max_steps); continue later with --resume"})
     val_every: int = 10
     val_examples: int = 32

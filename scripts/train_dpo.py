@@ -16,8 +16,7 @@ import torch  # noqa: E402
 
 from rl import distributed as dist  # noqa: E402
 from rl import dpo_trainer, lettingo  # noqa: E402
-from rl.config import exit_on_user_error, parse_config  # noqa: E402
-from rl.tracking import summary_line  # noqa: E402
+from rl.config import run_cli  # noqa: E402
 
 DATA_STAGES = {"explore": lettingo.stage_explore, "score": lettingo.stage_score, "pairs": lettingo.stage_pairs}
 
@@ -46,11 +45,7 @@ def run_stages(cfg, preset=None) -> dict:
 
 
 def main(argv=None):
-    with exit_on_user_error():  # a bad flag or a missing model/data path: one line and exit status 2
-        cfg, preset = parse_config(dpo_trainer.DPOConfig, dpo_trainer.PRESETS, argv, default_preset="cpu-demo")
-        final = run_stages(cfg, preset)
-    if final and os.environ.get("RANK", "0") == "0":
-        print(summary_line(final))
+    run_cli(dpo_trainer.DPOConfig, dpo_trainer.PRESETS, run_stages, argv)
 
 
 if __name__ == "__main__":

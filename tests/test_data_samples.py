@@ -1,4 +1,4 @@
-"""The pipeline on the REAL shared samples (../shared/data), checked against a direct computation."""
+"""The pipeline on the REAL Digital Music and Yelp samples, checked against a direct computation."""
 import ast
 import gzip
 import json
@@ -48,7 +48,7 @@ def test_music_counts_match_direct_computation(music):
             latest[key] = d["unixReviewTime"]
     core = direct_kcore(set(latest), 5)
     users, items = {u for u, _ in core}, {i for _, i in core}
-    assert (len(core), len(users), len(items)) == (2480, 268, 206)  # the figures of ../shared/README.md
+    assert (len(core), len(users), len(items)) == (2480, 268, 206)  # the sample's documented 5-core figures
     assert man["counts"]["after_kcore"] == {"interactions": len(core), "users": len(users), "items": len(items)}
     # what survives the cold-start filter is a subset of the core, and train is all of the core's train share
     got = {(x.user_id, x.item_id) for x in ds.interactions}

@@ -200,7 +200,7 @@ def test_unsupported_config_is_a_clear_error(tmp_path, change, match):
 def test_decode_linear_equals_f_linear(rows, bias):
     """Linear's decode path (W @ x^T for one token per row, no grad, CPU) gives F.linear's values, shape and
     layout, and each row's result does not depend on the rows beside it (bitwise)."""
-    from model.transformer import Linear
+    from model.linear import Linear
 
     torch.manual_seed(rows)
     lin = Linear(48, 80, bias=bias)
@@ -221,7 +221,7 @@ def test_decode_linear_equals_f_linear(rows, bias):
 def test_decode_linear_chunked_rows_equal_one_product():
     """A weight with many rows (an lm_head) is multiplied a chunk of rows at a time in decode steps: the same
     values, bitwise, as the single product, and F.linear's up to rounding."""
-    from model.transformer import Linear
+    from model.linear import Linear
 
     torch.manual_seed(0)
     lin = Linear(24, 4 * Linear.CHUNK_ROWS + 3, bias=False)  # a last chunk shorter than the others

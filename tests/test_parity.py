@@ -137,30 +137,30 @@ def test_reference_logps_keyed_by_what_they_depend_on(tmp_path, capsys):
 def test_lettingo_candidates_draw_from_their_own_streams(tmp_path, monkeypatch):
     """Each (user, style, temperature, sample) has its own random stream, whatever the batch or the job order:
     candidates at two temperatures no longer share their first draws."""
-    import model.sampler as S
+    import model.sampler as sampler
     from data import load_dataset
     from data.history import HistoryIndex
-    from rl import lettingo as LG
+    from rl import lettingo
     from eval.profiles import HistoryOptions
 
     model_dir, data = tiny_chat_model(tmp_path / "m"), tiny_dataset(tmp_path / "d")
     ds = load_dataset(data)
     hx = HistoryIndex(ds)
-    users = LG.user_windows(ds, 2, 3, 3)
+    users = lettingo.user_windows(ds, 2, 3, 3)
     seen = []
-    real = S.generate
+    real = sampler.generate
 
     def spy(*a, **kw):
         seen.extend(kw["seeds"])
         return real(*a, **kw)
 
-    monkeypatch.setattr(S, "generate", spy)
+    monkeypatch.setattr(sampler, "generate", spy)
     m, tok = load_model(model_dir), load_tokenizer(model_dir)
     kw = dict(hist=HistoryOptions(3, 0, 30), max_new_tokens=6, max_prompt_tokens=4096, seed=5, progress=False)
-    rows = LG.explore(users, ds, hx, "tiny", m, tok, ["lg", "kar"], [0.7, 1.2], 2, batch_prompts=2, **kw)
+    rows = lettingo.explore(users, ds, hx, "tiny", m, tok, ["lg", "kar"], [0.7, 1.2], 2, batch_prompts=2, **kw)
     assert len(seen) == len(rows) == 3 * 2 * 2 * 2 and len(set(seen)) == len(seen)
     # one user alone, in another batch: the same texts as in the full run
-    alone = LG.explore(users[2:], ds, hx, "tiny", m, tok, ["kar"], [1.2], 2, batch_prompts=1, **kw)
+    alone = lettingo.explore(users[2:], ds, hx, "tiny", m, tok, ["kar"], [1.2], 2, batch_prompts=1, **kw)
     full = [r["text"] for r in rows if r["user_id"] == users[2]["user_id"] and r["style"] == "kar"
             and r["temperature"] == 1.2]
     assert [r["text"] for r in alone] == full

@@ -7,7 +7,8 @@ import torch
 
 from rl.dpo import dpo_loss, sequence_logprob
 from rl.grpo import aggregate, group_advantages, grpo_loss, kl_k3, policy_loss
-from rl.logprobs import completion_mask, sequence_loss_mask, shift_for_causal_lm, token_entropy, token_logprobs
+from rl.logprobs import token_entropy, token_logprobs
+from rl.rollout import completion_logprobs, make_batch
 
 
 def close(a, b, tol=1e-6):
@@ -63,66 +64,47 @@ def test_token_logprobs_matches_log_softmax_chunked_bf16_and_grad():
         token_logprobs(logits, tokens[:, :3])
 
 
-def test_completion_mask_padding_and_pad_equals_eos():
+def test_make_batch_masks_by_position_pad_equals_eos():
+    """The loss mask is built by position from the completion lengths: with pad == EOS the first EOS stays in
+    (the model learns to stop) and the padding after it does not."""
     EOS = 2
-    toks = torch.tensor(
-        [
-            [5, 6, EOS, EOS, EOS],  # pad == eos: first EOS in, padding out
-            [5, 6, 7, 8, 9],  # no EOS (cut at the limit): all in
-            [EOS, EOS, EOS, EOS, EOS],  # immediate EOS: only it
-            [5, 3, 6, 0, 0],  # second EOS id 3; pad 0 after it
-        ]
-    )
-    m = completion_mask(toks, eos_ids=[EOS, 3], pad_id=EOS)
-    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    batch = make_batch([[7, 8], [9]], [[5, 6, EOS], [5, 6, 7, 8, 9], [EOS], [5, 3]], pad_id=EOS, repeat=2)
+    assert batch.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert batch.completion.tolist() == [[5, 6, EOS, EOS, EOS], [5, 6, 7, 8, 9], [EOS, EOS, EOS, EOS, EOS],
+                                         [5, 3, EOS, EOS, EOS]]
     # masking by pad id (the pitfall) would have dropped the real EOS of row 0:
-    assert (toks[0] != EOS).float().tolist() == [1, 1, 0, 0, 0]
-    # a pad id distinct from EOS is masked even in a row without EOS
-    m2 = completion_mask(torch.tensor([[5, 6, 0, 0]]), eos_ids=EOS, pad_id=0)
-    assert m2.tolist() == [[1, 1, 0, 0]]
+    assert (batch.completion[0] != EOS).float().tolist() == [1, 1, 0, 0, 0]
+    # prompts are left-padded, completions start at the same column; attention covers prompt + completion
+    assert batch.input_ids[2].tolist()[:2] == [EOS, 9] and batch.attention_mask[2].tolist() == [0, 1, 1, 0, 0, 0, 0]
 
 
-def test_shift_known_answer_bigram_model():
-    """Logits at t predict token t + 1: a bigram model makes the sequence log-prob a known sum."""
+class Bigram(torch.nn.Module):
+    """A model whose logits at position t depend only on the token at t: sequence log-probs are known sums."""
+
     W = torch.tensor([[0.0, 1.0, 2.0, 0.5], [1.0, 0.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0], [2.0, 0.0, 1.0, 0.0]])
 
-    def bigram_logits(ids):  # (B, T) -> (B, T, V = 4): logits at t depend only on token t
-        return W[ids]
+    def forward(self, ids, attention_mask=None, num_logits_to_keep=0):
+        return self.W[ids][:, -num_logits_to_keep:]  # (B, T, V = 4)
 
-    def bigram_lp(prev, nxt):  # log softmax(W[prev])[nxt] by hand
-        return W[prev][nxt].item() - math.log(sum(math.exp(v) for v in W[prev].tolist()))
-
-    # prompt [1, 2], completion [3, 0] whose last token 0 is the EOS, then padding with 0 (pad == eos)
-    ids = torch.tensor([[1, 2, 3, 0, 0, 0], [2, 1, 1, 0, 0, 0]])
-    prompt_lens, total_lens = torch.tensor([2, 1]), torch.tensor([4, 4])
-    full_mask = sequence_loss_mask(prompt_lens, total_lens, ids.shape[1])
-    assert full_mask.tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]]
-    targets, mask = shift_for_causal_lm(ids, full_mask)
-    assert targets.tolist() == [[2, 3, 0, 0, 0], [1, 1, 0, 0, 0]]
-    assert mask.tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    logits = bigram_logits(ids)[:, :-1]  # (B, T-1, V)
-    seq = sequence_logprob(token_logprobs(logits, targets), mask)
-    assert close(seq[0], bigram_lp(2, 3) + bigram_lp(3, 0), 1e-5)  # p(3 | 2) p(EOS | 3)
-    assert close(seq[1], bigram_lp(2, 1) + bigram_lp(1, 1) + bigram_lp(1, 0), 1e-5)
+    @classmethod
+    def lp(cls, prev, nxt):  # log softmax(W[prev])[nxt] by hand
+        return cls.W[prev][nxt].item() - math.log(sum(math.exp(v) for v in cls.W[prev].tolist()))
 
 
-def test_dpo_chosen_rejected_shifted_masks_known_answer():
-    """DPO batches: same prompt, chosen and rejected profiles of different lengths, right-padded, pad == EOS."""
-    EOS = 9
-    prompt = [4, 5, 6]
-    chosen = prompt + [7, 8, 7, EOS]
-    rejected = prompt + [8, EOS]
-    T = len(chosen)
-    ids = torch.tensor([chosen, rejected + [EOS] * (T - len(rejected))])
-    gen_mask = completion_mask(ids[:, len(prompt):], eos_ids=EOS, pad_id=EOS)  # (2, T - 3)
-    full = torch.cat([torch.zeros(2, len(prompt)), gen_mask], 1)
-    assert full.tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]]
-    assert torch.equal(full, sequence_loss_mask([3, 3], [7, 5], T))
-    targets, mask = shift_for_causal_lm(ids, full)
-    # logits positions 2..5 predict 7, 8, 7, EOS for chosen; positions 2..3 predict 8, EOS for rejected
-    assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
-    assert [t for t, m in zip(targets[0].tolist(), mask[0].tolist()) if m] == [7, 8, 7, EOS]
-    assert [t for t, m in zip(targets[1].tolist(), mask[1].tolist()) if m] == [8, EOS]
+def test_completion_logprobs_known_answer_bigram():
+    """The logits at column t score the token at t + 1: prompt [1, 2] then [3, EOS 0]; prompt [2] then
+    [1, 1, EOS]; with left padding, sequence log-probs are the bigram sums."""
+    batch = make_batch([[1, 2], [2]], [[3, 0], [1, 1, 0]], pad_id=0)
+    logp, _ = completion_logprobs(Bigram(), batch)
+    seq = sequence_logprob(logp, batch.mask)
+    assert close(seq[0], Bigram.lp(2, 3) + Bigram.lp(3, 0), 1e-5)  # p(3 | 2) p(EOS | 3)
+    assert close(seq[1], Bigram.lp(2, 1) + Bigram.lp(1, 1) + Bigram.lp(1, 0), 1e-5)
+    # vocab_limit 3: the softmax over ids 0..2 only (a completion of such ids)
+    batch = make_batch([[2]], [[1, 1, 0]], pad_id=0)
+    lim, _ = completion_logprobs(Bigram(), batch, vocab_limit=3)
+    W = Bigram.W[:, :3]
+    lp3 = lambda a, b: W[a][b].item() - math.log(sum(math.exp(v) for v in W[a].tolist()))  # noqa: E731
+    assert close(sequence_logprob(lim, batch.mask)[0], lp3(2, 1) + lp3(1, 1) + lp3(1, 0), 1e-5)
 
 
 # ---------------------------------------------------------------- GRPO
@@ -282,7 +264,7 @@ def test_gradient_accumulation_equals_full_batch(mode):
     x = torch.randn(B, T, D)
     tokens = torch.randint(0, V, (B, T))
     lens = torch.tensor([5, 1, 3, 2, 4, 5])
-    mask = sequence_loss_mask(torch.zeros(B, dtype=torch.long), lens, T)
+    mask = (torch.arange(T)[None, :] < lens[:, None]).float()  # (B, T) the first lens[b] tokens of each row
     with torch.no_grad():
         old = token_logprobs(policy(x), tokens, 0.9) + 0.2 * torch.randn(B, T)
         ref = old + 0.2 * torch.randn(B, T)
