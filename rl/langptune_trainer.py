@@ -5,12 +5,13 @@ Gao, Zhou, Dai, Joachims, "End-to-end Training for Recommendation with Language-
   1. profiles: the writer (greedy) writes the profile of every training target's user, from what came before it
   2. recommender: --rec-steps updates on those profiles. retrieval: an embedding model (our transformer,
      mean-pooled) trained with InfoNCE, the next item as positive and in-batch negatives (eval/retrieval.py);
-     rating: the expected-rating reader trained on (profile, history, item, rating)
+     rating: the expected-rating reader trained on (profile, history, item, rating) (rl/rating_reader.py)
   3. the item embeddings are recomputed with the updated recommender
   4. writer: --writer-steps updates of REBEL (rl/rebel.py; or GRPO): two samples per target, rewarded by the
      recommender (NDCG@k or MRR of the target among the whole catalogue, the user's history masked; or
      1 - |y - y_hat| / 4), rewards whitened, the KL to the reference folded in
   5. validation: greedy profiles of the valid targets, ranked by the recommender: NDCG@k, MRR, Recall, Precision
+     (rating: MAE, RMSE, Acc, F1)
 A target is a user's interaction rated >= --min-rating (the next item the user liked). Every phase starts a fresh
 AdamW. A checkpoint per iteration holds the writer (model or LoRA adapter) and the recommender.
 
@@ -130,19 +131,22 @@ class Target:
 
 
 def liked_targets(ds, hx, split: str, cfg: LangPTuneConfig, limit: int) -> list[Target]:
-    """One target per user of the split (the user's last interaction there rated >= min_rating, with at least
-    min_history interactions before it), users in a seeded order, at most `limit`."""
+    """One target per user of the split (retrieval: the user's last interaction there rated >= min_rating;
+    rating: the last interaction, whatever its rating), with at least min_history interactions before it;
+    users in a seeded order, at most `limit`."""
+    floor = cfg.min_rating if cfg.rec_kind == "retrieval" else 1
     last: dict[str, object] = {}
     for x in ds.split(split):
-        if x.rating >= cfg.min_rating and len(hx.user_history(x.user_id, x.timestamp, cfg.min_history)) >= cfg.min_history:
+        if x.rating >= floor and len(hx.user_history(x.user_id, x.timestamp, cfg.min_history)) >= cfg.min_history:
             last[x.user_id] = x  # interactions are in time order: the last one wins
     users = sorted(last)
     order = loop.epoch_order(len(users), 0, cfg.seed)
     return [Target(u, last[u].item_id, last[u].timestamp, last[u].rating) for u in (users[i] for i in order)][:limit]
 
 
-class Scorer:
-    """The trainable recommender behind one interface: fit on (profile, target) pairs, and score profiles."""
+class RetrievalScorer:
+    """The retrieval recommender (eval/retrieval.py) behind the loop's interface: fit on (profile, target) pairs,
+    reward written profiles, and report ranking metrics over the whole catalogue."""
 
     def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist):
         from eval import retrieval as R
@@ -205,6 +209,7 @@ class Scorer:
         return self.R.ndcg_at_k(ranks, self.cfg.reward_k) if self.cfg.reward == "ndcg" else self.R.mrr(ranks)
 
     def metrics(self, targets: list[Target], profiles: list[str | None]) -> dict:
+        """MRR and NDCG, Recall, Precision at 5, 10, 20 of each target item over the catalogue."""
         R, ranks = self.R, self.rank(targets, profiles)
         out = {"mrr": float(R.mrr(ranks).mean())}
         for k in (5, 10, 20):
@@ -212,6 +217,60 @@ class Scorer:
             out[f"recall@{k}"] = float(R.recall_at_k(ranks, k).mean())
             out[f"precision@{k}"] = float(R.precision_at_k(ranks, k).mean())
         return out
+
+
+class RatingScorer:
+    """The expected-rating recommender (eval/recommender.py) made trainable (rl/rating_reader.py): fit on
+    (profile, recent history, item, rating), reward 1 - |y - y_hat| / 4, report MAE and the other rating metrics."""
+
+    def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist):
+        from eval.recommender import Recommender
+
+        src = cfg.rec_model or cfg.model
+        self.cfg, self.ds, self.hx = cfg, ds, hx
+        self.model = load_model(src, dtype=torch.float32, device=d.device)
+        self.tok = load_tokenizer(src)
+        self.rec = Recommender(self.model, self.tok, batch_size=cfg.rec_batch, device=d.device)
+
+    def examples(self, targets: list[Target], profiles: list[str | None]):
+        from eval.profiles import rec_example
+
+        return [rec_example(self.hx, self.ds, t, p, None, self.cfg.review_chars, self.cfg.rec_history)
+                for t, p in zip(targets, profiles)]
+
+    def fit(self, targets: list[Target], profiles: dict[str, str | None], steps: int, seed: int) -> dict:
+        """`steps` updates of a fresh AdamW on the rating loss (--rec-rating-loss ce | mse) of batches of targets."""
+        from .rating_reader import digit_logits, rating_loss
+
+        if steps == 0:
+            return {}
+        self.model.train()
+        opt = make_optimizer(self.model, self.cfg.rec_lr, 0.0)
+        losses = []
+        for s in range(steps):
+            batch = [targets[i] for i in loop.step_indices(s, min(self.cfg.rec_batch, len(targets)), len(targets), seed)]
+            logits = digit_logits(self.rec, self.examples(batch, [profiles[t.user_id] for t in batch]))
+            loss, _ = rating_loss(logits, torch.tensor([t.rating for t in batch]), self.cfg.rec_rating_loss)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        self.model.eval()
+        return {"rec_loss_first": losses[0], "rec_loss_last": sum(losses[-5:]) / len(losses[-5:])}
+
+    def predict(self, targets: list[Target], profiles: list[str | None]) -> torch.Tensor:
+        return self.rec.score(self.examples(targets, profiles))[0].float()  # (B,) expected ratings
+
+    def reward(self, targets: list[Target], profiles: list[str | None]) -> torch.Tensor:
+        y = torch.tensor([float(t.rating) for t in targets])
+        return 1.0 - (y - self.predict(targets, profiles)).abs() / 4.0
+
+    def metrics(self, targets: list[Target], profiles: list[str | None]) -> dict:
+        from eval.metrics import rating_metrics
+
+        m = rating_metrics([t.rating for t in targets], self.predict(targets, profiles).tolist())
+        return {k: m[k] for k in ("mae", "rmse", "acc", "f1_macro_5")}
 
 
 def write_greedy(models: loop.Models, cfg: LangPTuneConfig, ds, hx, targets: list[Target]) -> list[str | None]:
@@ -223,7 +282,7 @@ def write_greedy(models: loop.Models, cfg: LangPTuneConfig, ds, hx, targets: lis
     return [p[0] if p else None for p in (parse_profile(cfg.style, t)[0] for t in texts)]
 
 
-def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer: Scorer, ds, hx,
+def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds, hx,
                 targets: list[Target], optimizer, seed: int) -> dict:
     """One writer update: two samples per target, rewarded by the recommender, REBEL (or GRPO) on the pairs."""
     tok, policy = models.tokenizer, models.policy
@@ -278,8 +337,6 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     if d.enabled:
         raise ConfigError("train_langptune.py runs in one process (FSDP for this loop is not built yet): run it "
                           "without torchrun or with --nproc_per_node=1")
-    if cfg.rec_kind != "retrieval":
-        raise ConfigError("--rec-kind rating is not built into this loop yet: use --rec-kind retrieval")
     torch.manual_seed(cfg.seed)
     from .lettingo import dataset
 
@@ -291,7 +348,7 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
                           f"--min-history {cfg.min_history} items before it")
     resume_from = loop.resume_point(cfg)
     models = loop.build_models(cfg, resume_from, d)  # the writer and its reference
-    scorer = Scorer(cfg, ds, hx, d)
+    scorer = (RetrievalScorer if cfg.rec_kind == "retrieval" else RatingScorer)(cfg, ds, hx, d)
     start = 0
     if resume_from:
         start = checkpoints.load_training_state(resume_from, models.policy, None, None, d)["step"]
@@ -312,7 +369,7 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
                           json.dumps(profiles, ensure_ascii=False, indent=1))
         # 2-3. the recommender on them, then the item embeddings
         rec_m = scorer.fit(train_targets, profiles, cfg.rec_steps, seed)
-        if not cfg.rec_steps:
+        if not cfg.rec_steps and cfg.rec_kind == "retrieval":
             scorer.index.refresh()
         # 4. the writer against the updated recommender
         writer_m = []

@@ -57,3 +57,14 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     start = load_file(str(Path(model) / "model.safetensors"))
     moved = weights(tmp_path / "full", 2, "model")
     assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 0  # the writer was trained
+
+
+def test_rating_recommender_kind(tiny, tmp_path):
+    """--rec-kind rating: the expected-rating reader is trained on the profiles; rating metrics are reported."""
+    model, data = tiny
+    start = load_file(str(Path(model) / "model.safetensors"))
+    last = train(parse_config(LangPTuneConfig, PRESETS, args(model, data, tmp_path, "--iterations", "1",
+                                                             "--rec-kind", "rating"))[0])
+    assert 0 <= last["val_mae"] <= 4 and last["rec_loss_last"] == last["rec_loss_last"]
+    rec = weights(tmp_path, 1, "recommender")
+    assert max(float((rec[k] - start[k]).abs().max()) for k in start) > 0  # the reader was trained
