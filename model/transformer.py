@@ -223,7 +223,7 @@ class Transformer(nn.Module):
         lm_head (embeddings, blocks, final norm), with gradients when autograd is on. attention_mask (B, T), 1 for
         real tokens, may pad on either side; positions are cumsum(mask) - 1, as in forward. For embeddings
         (eval/retrieval.py) rather than next-token logits: lm_head(hidden_states(x)) == forward(x)."""
-        return self.forward(input_ids, attention_mask=attention_mask, return_hidden=True)
+        return self(input_ids, attention_mask=attention_mask, return_hidden=True)  # through __call__: FSDP hooks
 
     def _autocast(self, dev):
         """torch.autocast in `autocast_dtype` when set; else nothing (a caller's own autocast stays in force)."""

@@ -19,7 +19,8 @@ How this departs from LangPTune's public code, each a flag or a size:
   - the embedding model is our own transformer (SmolLM2 by default, mxbai-embed-large there), mean-pooled;
   - the cpu-demo preset is tiny (48 targets, 64-token profiles); langptune-paper has the public sizes;
   - --writer-loss grpo trains the writer with the GRPO loss on the same two-sample groups instead of REBEL.
-Runs in one process (FSDP for this loop is not built yet: torchrun with several ranks is refused).
+Under torchrun the writer is sharded (FSDP2) and its samples are split over the ranks; the recommender is a whole
+copy on every rank, each computing the same batches (see recommender_model).
 """
 from __future__ import annotations
 
@@ -144,18 +145,32 @@ def liked_targets(ds, hx, split: str, cfg: LangPTuneConfig, limit: int) -> list[
     return [Target(u, last[u].item_id, last[u].timestamp, last[u].rating) for u in (users[i] for i in order)][:limit]
 
 
+def recommender_model(cfg: LangPTuneConfig, source: str, d: dist.Dist):
+    """The recommender's model (fp32 weights, computing in --dtype) and tokenizer, a whole copy on every rank.
+
+    Under torchrun its updates are replicated, not data-parallel: every rank computes the whole batch (InfoNCE
+    needs every pair of the batch as negatives) from the same weights, so every rank makes the same update and
+    the copies stay equal without any communication (an embedding model is small beside the writer)."""
+    compute = loop.resolve_dtype(cfg.dtype, d.device)
+    model = load_model(source, dtype=torch.float32, device=d.device)
+    if compute != torch.float32:
+        model.autocast_dtype = compute
+    return model, load_tokenizer(cfg.rec_model or cfg.model)
+
+
 class RetrievalScorer:
     """The retrieval recommender (eval/retrieval.py) behind the loop's interface: fit on (profile, target) pairs,
     reward written profiles, and report ranking metrics over the whole catalogue."""
 
-    def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist):
+    def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist, source: str):
         from eval import retrieval as R
 
         self.cfg, self.ds, self.hx, self.R = cfg, ds, hx, R
-        src = cfg.rec_model or cfg.model
-        self.model = load_model(src, dtype=torch.float32, device=d.device)
-        self.tok = load_tokenizer(src)
+        self.model, self.tok = recommender_model(cfg, source, d)
         self.embedder = R.Embedder(self.model, self.tok, max_tokens=cfg.embed_tokens, batch_size=16)
+        # users are embedded one text per forward: a user's embedding, and so a reward, never depends on the
+        # batch it was computed in (one process and several ranks rank the same way; ties flip otherwise)
+        self.user_embedder = R.Embedder(self.model, self.tok, max_tokens=cfg.embed_tokens, batch_size=1)
         items = sorted(ds.items)
         self.index = R.ItemIndex(self.embedder, items, [R.item_text(ds.items[i]) for i in items])
 
@@ -183,8 +198,9 @@ class RetrievalScorer:
         for s in range(steps):
             idx = loop.step_indices(s, min(cfg.rec_batch, len(targets)), len(targets), seed)
             batch = [targets[i] for i in idx]
-            users = self.embedder.embed([self.user_text(t, profiles[t.user_id]) for t in batch], grad=True)
-            items = self.embedder.embed([R.item_text(self.ds.items[t.item_id]) for t in batch], grad=True)
+            texts = [self.user_text(t, profiles[t.user_id]) for t in batch] + \
+                [R.item_text(self.ds.items[t.item_id]) for t in batch]
+            users, items = self.embedder.embed(texts, grad=True).split(len(batch))  # one forward (FSDP: one pass)
             loss, m = R.info_nce(users, items, cfg.rec_temperature)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -200,7 +216,7 @@ class RetrievalScorer:
     @torch.no_grad()
     def rank(self, targets: list[Target], profiles: list[str | None]) -> torch.Tensor:
         """(B,) 1-based rank of each target item among the catalogue, its user's history masked."""
-        users = self.embedder.embed([self.user_text(t, p) for t, p in zip(targets, profiles)])
+        users = self.user_embedder.embed([self.user_text(t, p) for t, p in zip(targets, profiles)])
         targets_idx = torch.tensor([self.index.index_of[t.item_id] for t in targets])
         return self.R.target_ranks(self.index.scores(users), targets_idx, self.exclude(targets))
 
@@ -223,13 +239,11 @@ class RatingScorer:
     """The expected-rating recommender (eval/recommender.py) made trainable (rl/rating_reader.py): fit on
     (profile, recent history, item, rating), reward 1 - |y - y_hat| / 4, report MAE and the other rating metrics."""
 
-    def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist):
+    def __init__(self, cfg: LangPTuneConfig, ds, hx, d: dist.Dist, source: str):
         from eval.recommender import Recommender
 
-        src = cfg.rec_model or cfg.model
         self.cfg, self.ds, self.hx = cfg, ds, hx
-        self.model = load_model(src, dtype=torch.float32, device=d.device)
-        self.tok = load_tokenizer(src)
+        self.model, self.tok = recommender_model(cfg, source, d)
         self.rec = Recommender(self.model, self.tok, batch_size=cfg.rec_batch, device=d.device)
 
     def examples(self, targets: list[Target], profiles: list[str | None]):
@@ -273,29 +287,37 @@ class RatingScorer:
         return {k: m[k] for k in ("mae", "rmse", "acc", "f1_macro_5")}
 
 
-def write_greedy(models: loop.Models, cfg: LangPTuneConfig, ds, hx, targets: list[Target]) -> list[str | None]:
-    """The writer's greedy profile of each target's user (None when the answer does not parse)."""
+def write_greedy(models: loop.Models, cfg: LangPTuneConfig, ds, hx, targets: list[Target],
+                 d: dist.Dist) -> list[str | None]:
+    """The writer's greedy profile of each target's user (None when the answer does not parse), every rank
+    writing an equal share; the whole list on every rank."""
     hist = HistoryOptions(cfg.user_history, 0, cfg.review_chars)
+    mine, real = dist.pad_to_world(targets, d)
     prompts = [encode_prompt(models.tokenizer, profile_messages(cfg.style, hx, ds, t, hist), cfg.max_prompt_tokens)
-               for t in targets]
-    texts = write_profiles(models.policy, models.tokenizer, prompts, cfg.max_new_tokens)
-    return [p[0] if p else None for p in (parse_profile(cfg.style, t)[0] for t in texts)]
+               for t in mine]
+    models.policy.eval()
+    with dist.gathered(models.policy):
+        texts = write_profiles(models.policy, models.tokenizer, prompts, cfg.max_new_tokens, sync_ranks=d.enabled)
+    profiles = [p[0] if p else None for p in (parse_profile(cfg.style, t)[0] for t in texts)][:real]
+    return [p for part in dist.all_gather_objects(profiles, d) for p in part]
 
 
 def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds, hx,
-                targets: list[Target], optimizer, seed: int) -> dict:
-    """One writer update: two samples per target, rewarded by the recommender, REBEL (or GRPO) on the pairs."""
+                targets: list[Target], optimizer, seed: int, d: dist.Dist) -> dict:
+    """One writer update: two samples per target, rewarded by the recommender, REBEL (or GRPO) on the pairs.
+    Under torchrun each rank samples its share of the step's targets; rewards are whitened over all of them."""
     tok, policy = models.tokenizer, models.policy
     hist = HistoryOptions(cfg.user_history, 0, cfg.review_chars)
-    batch_targets = [targets[i] for i in loop.step_indices(step, min(cfg.prompts_per_step, len(targets)),
-                                                           len(targets), seed)]
+    pool = loop.step_indices(step, cfg.prompts_per_step, len(targets), seed)
+    mine = loop.rank_share(cfg.prompts_per_step, cfg.prompts_per_step, d)  # positions in the step's batch
+    batch_targets = [targets[pool[p]] for p in mine]
     prompts = [encode_prompt(tok, profile_messages(cfg.style, hx, ds, t, hist), cfg.max_prompt_tokens)
                for t in batch_targets]
     policy.eval()
-    with torch.no_grad():
+    with torch.no_grad(), dist.gathered(policy):
         out = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, n=2, eos_ids=tok.eos_ids,
-                       pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size,
-                       seeds=[row_seed(seed * 1_000_003 + step, p, j) for p in range(len(prompts)) for j in (0, 1)])
+                       pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size, sync_ranks=d.enabled,
+                       seeds=[row_seed(seed * 1_000_003 + step, p, j) for p in mine for j in (0, 1)])
     comps = out.completions()
     texts = [tok.decode([t for t in c if t not in tok.eos_ids]) for c in comps]
     parsed = [parse_profile(cfg.style, t)[0] for t in texts]
@@ -303,40 +325,44 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
     rewards = scorer.reward(rows, [p[0] if p else None for p in parsed]).float()  # (2P,)
     batch = make_batch(prompts, comps, tok.pad_token_id, repeat=2)
     V = tok.vocab_size
-    with torch.no_grad():
-        old_tok = out.logprobs[:, :batch.completion_len]
-        old = (old_tok * batch.mask).sum(1)  # (2P,) sequence log-probs of the policy that sampled
+    with torch.no_grad():  # pi_old: the policy before the update, recomputed on the update's own batch
+        old_tok = batched_logprobs(policy, batch, len(comps), cfg.temperature, V)
+        old = (old_tok * batch.mask).sum(1)  # (2P,) sequence log-probs
         if cfg.kl_coef:
             ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V)
                    * batch.mask).sum(1)
             shaped = kl_penalised(rewards, old, ref, cfg.kl_coef)
         else:
             shaped = rewards
-    shaped = whiten(shaped)
+    everyone = torch.tensor([r for part in dist.all_gather_objects(shaped.tolist(), d) for r in part])
+    at = d.rank * len(shaped)
+    shaped = whiten(everyone)[at:at + len(shaped)]  # whitened over the whole step, this rank's rows
     policy.train()
     logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V)
     if cfg.writer_loss == "rebel":
         logp = (logp_tok * batch.mask).sum(1)
-        loss, m = rebel_loss(logp.view(-1, 2), old.view(-1, 2), shaped.view(-1, 2), eta=cfg.eta)
+        loss, m = rebel_loss(logp.view(-1, 2), old.view(-1, 2), shaped.view(-1, 2), eta=cfg.eta,
+                             global_pairs=cfg.prompts_per_step)
     else:
         adv, _ = group_advantages(shaped, 2)
-        loss, m = grpo_loss(logp_tok, old_tok, None, adv, batch.mask)
-    loss.backward()
+        loss, m = grpo_loss(logp_tok, old_tok, None, adv, batch.mask,
+                            global_tokens=dist.all_sum(batch.mask.sum(), d))
+    (loss * d.world).backward()  # FSDP averages gradients over ranks; the loss already sums over them
     gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"writer_loss": float(loss.detach()), "reward_mean": float(rewards.mean()), "grad_norm": float(gn),
-            "format_failure_rate": sum(p is None for p in parsed) / len(parsed),
-            "response_length": float(batch.mask.sum(1).mean())}
+    sums = dist.all_sum(torch.tensor([float(loss.detach()), float(rewards.sum()), sum(p is None for p in parsed),
+                                      float(batch.mask.sum()), len(parsed)], dtype=torch.float64), d).tolist()
+    return {"writer_loss": sums[0], "reward_mean": sums[1] / sums[4], "format_failure_rate": sums[2] / sums[4],
+            "response_length": sums[3] / sums[4], "grad_norm": float(gn.full_tensor() if hasattr(gn, "full_tensor")
+                                                                      else gn)}
 
 
 def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     """The alternation: for each iteration, profiles -> recommender -> item embeddings -> writer -> validation."""
     cfg.check()
     d = dist.setup(cfg.device or None)
-    if d.enabled:
-        raise ConfigError("train_langptune.py runs in one process (FSDP for this loop is not built yet): run it "
-                          "without torchrun or with --nproc_per_node=1")
+    loop.rank_share(cfg.prompts_per_step, cfg.prompts_per_step, d)  # the writer's batch splits over the ranks
     torch.manual_seed(cfg.seed)
     from .lettingo import dataset
 
@@ -348,11 +374,9 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
                           f"--min-history {cfg.min_history} items before it")
     resume_from = loop.resume_point(cfg)
     models = loop.build_models(cfg, resume_from, d)  # the writer and its reference
-    scorer = (RetrievalScorer if cfg.rec_kind == "retrieval" else RatingScorer)(cfg, ds, hx, d)
-    start = 0
-    if resume_from:
-        start = checkpoints.load_training_state(resume_from, models.policy, None, None, d)["step"]
-        scorer.model.load_state_dict(load_model(resume_from / "recommender").state_dict())
+    rec_source = str(resume_from / "recommender") if resume_from else (cfg.rec_model or cfg.model)
+    scorer = (RetrievalScorer if cfg.rec_kind == "retrieval" else RatingScorer)(cfg, ds, hx, d, rec_source)
+    start = checkpoints.load_training_state(resume_from, models.policy, None, None, d)["step"] if resume_from else 0
     run_dir = Path(cfg.run_dir)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -364,9 +388,10 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
         t0 = time.perf_counter()
         seed = cfg.seed * 1_000_003 + it
         # 1. profiles of the training targets, written by the current writer (cached per iteration)
-        profiles = dict(zip([t.user_id for t in train_targets], write_greedy(models, cfg, ds, hx, train_targets)))
-        write_text_atomic(run_dir / "profiles" / f"iteration_{it}.json",
-                          json.dumps(profiles, ensure_ascii=False, indent=1))
+        profiles = dict(zip([t.user_id for t in train_targets], write_greedy(models, cfg, ds, hx, train_targets, d)))
+        if d.is_main:
+            write_text_atomic(run_dir / "profiles" / f"iteration_{it}.json",
+                              json.dumps(profiles, ensure_ascii=False, indent=1))
         # 2-3. the recommender on them, then the item embeddings
         rec_m = scorer.fit(train_targets, profiles, cfg.rec_steps, seed)
         if not cfg.rec_steps and cfg.rec_kind == "retrieval":
@@ -375,10 +400,10 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
         writer_m = []
         optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
         for s in tqdm(range(cfg.writer_steps), desc=f"writer {it + 1}", disable=not d.is_main):
-            writer_m.append(writer_step(s, cfg, models, scorer, ds, hx, train_targets, optimizer, seed))
+            writer_m.append(writer_step(s, cfg, models, scorer, ds, hx, train_targets, optimizer, seed, d))
             tracker.scalars(writer_m[-1], it * cfg.writer_steps + s + 1, prefix="writer/")
         # 5. validation: greedy profiles of the valid targets, ranked by the recommender
-        val_profiles = write_greedy(models, cfg, ds, hx, valid_targets)
+        val_profiles = write_greedy(models, cfg, ds, hx, valid_targets, d)
         val = scorer.metrics(valid_targets, val_profiles)
         val["format_failure_rate"] = sum(p is None for p in val_profiles) / len(val_profiles)
         last = {"iteration": it + 1, **rec_m, **{f"val_{k}": v for k, v in val.items()},

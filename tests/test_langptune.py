@@ -68,3 +68,38 @@ def test_rating_recommender_kind(tiny, tmp_path):
     assert 0 <= last["val_mae"] <= 4 and last["rec_loss_last"] == last["rec_loss_last"]
     rec = weights(tmp_path, 1, "recommender")
     assert max(float((rec[k] - start[k]).abs().max()) for k in start) > 0  # the reader was trained
+
+
+def test_two_ranks_equal_one_process(tiny, tmp_path):
+    """Under torchrun both models are sharded: two ranks train the same writer and recommender as one process."""
+    import os
+    import subprocess
+    import sys
+
+    model, data = tiny
+    root = Path(__file__).resolve().parents[1]
+    for name, nproc in (("one", 1), ("two", 2)):
+        pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        res = subprocess.run([*pre, str(root / "scripts/train_langptune.py"),
+                              *args(model, data, tmp_path / name, "--iterations", "1")], capture_output=True,
+                             text=True, cwd=root, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+    # the recommender is replicated (every rank computes the same batches): bitwise the one-process weights
+    a, b = weights(tmp_path / "one", 1, "recommender"), weights(tmp_path / "two", 1, "recommender")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the writer's loss and gradient norm (before clipping: a wrong scale over ranks shows there) agree step by
+    # step; its weights agree to a small share of how far the step moved them (Adam turns the float noise of a
+    # different padding into updates of up to lr where a gradient entry is near zero)
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    w1, w2 = [r for r in m1 if "writer/grad_norm" in r], [r for r in m2 if "writer/grad_norm" in r]
+    assert len(w1) == len(w2) == 2
+    for r1, r2 in zip(w1, w2):
+        for k in ("writer/writer_loss", "writer/grad_norm", "writer/reward_mean"):
+            assert abs(r1[k] - r2[k]) <= 1e-4 * max(1.0, abs(r1[k])), (k, r1[k], r2[k])
+    start = load_file(str(Path(model) / "model.safetensors"))
+    a, b = weights(tmp_path / "one", 1, "model"), weights(tmp_path / "two", 1, "model")
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert moved > 1e-4 and max(float((a[k] - b[k]).abs().max()) for k in a) <= 0.25 * moved
+    v1 = [r for r in m1 if "iteration/val_mrr" in r][-1]
+    v2 = [r for r in m2 if "iteration/val_mrr" in r][-1]
+    assert abs(v1["iteration/rec_loss_last"] - v2["iteration/rec_loss_last"]) == 0
