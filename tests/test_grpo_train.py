@@ -55,7 +55,8 @@ def test_toy_reward_rises(tmp_path):
     assert end > 0.5 and end > 5 * start, (start, end)
     # the logged quantities are there and finite
     last = read_metrics(tmp_path)[-1]
-    for k in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr",
+    assert "train/kl" not in last  # --kl-coef 0: no reference forward, no KL to log
+    for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr",
               "zero_adv_group_frac", "response_length", "time_rollout", "tokens_per_second"):
         assert torch.isfinite(torch.tensor(last[f"train/{k}"])), k
 
