@@ -57,13 +57,16 @@ def check_trl_side(out: dict, trl_keys: str):
 
 def test_bench_grpo(model):
     out = run_bench("bench_grpo", "--model", model, "--prompts", 1, "--prompt-tokens", 32, "--new-tokens", 4,
-                    "--steps", 1, "--threads", 1)
+                    "--steps", 1, "--threads", 1, "--variants", "lora:2", "top:1")
     trl_keys = "trl_s_per_step trl_phases trl_peak_rss_mb trl_steps_s trl_prompt_tokens trl_response_length"
     has_keys(out, "ours_s_per_step ratio target_ratio ok trl ours_phases ours_peak_rss_mb ours_steps_s prompt_tokens "
                   "response_length old_logprobs new_tokens steps threads model prompts " + trl_keys)
     positive(out["ours_s_per_step"], *out["ours_steps_s"], out["ours_peak_rss_mb"])
     assert len(out["ours_steps_s"]) == 1 and set(out["ours_phases"]) == {"rollout", "scoring", "update"}
     assert len(out["prompt_tokens"]) == 1 and out["response_length"] == 4  # EOS held back: every row 4 tokens
+    assert set(out["variants"]) == {"lora:2", "top:1"}  # our step with LoRA and with the top block only
+    for v in out["variants"].values():
+        positive(v["s_per_step"], v["peak_rss_mb"], v["speedup_vs_full"], v["rss_vs_full"])
     check_trl_side(out, trl_keys)
 
 
