@@ -1,7 +1,7 @@
 """Low-level file helpers shared by every reader: gzip-or-plain line streaming, the bad-line policy,
 input hashing and atomic output directories.
 
-Bad-input policy (also in the README):
+Bad-input policy (docs/data.md):
 - a wrong path or an empty file is an immediate DataError naming the file;
 - a bad line (malformed JSON / Python literal, missing field, rating outside 1..5, non-numeric timestamp,
   empty id) is skipped and counted; the first few are printed with file and line number;

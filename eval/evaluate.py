@@ -204,5 +204,5 @@ def table_row(name: str, m: dict) -> str:
     five classes, `f1_macro_5`); n counts the scored examples."""
     def f(x, scale=1.0, nd=4):
         return "n/a" if x is None or x != x else f"{x * scale:.{nd}f}"
-    return (f"| {name} | {f(m['mae'])} | {f(m['rmse'])} | {f(m['acc'], 100, 2)} | {f(m['f1_macro_5'], 100, 2)} | "
+    return (f"| {name} | {f(m['mae'])} | {f(m['rmse'])} | {f(m['acc'], 100, 2)} | {f(m.get('f1_macro_5'), 100, 2)} | "
             f"{m['format_failures']} | {m['n']} |")

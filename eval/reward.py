@@ -1,6 +1,6 @@
 """The rating reward of DUET: 1 - |y - y_hat| / (max - min), and a fixed value for a format failure.
 
-DUET paper (papers/duet-paper.md), reward section: r = 1 - |y - y_hat| / 4 on the 1..5 scale, and -1 when
+The DUET paper's reward: r = 1 - |y - y_hat| / 4 on the 1..5 scale, and -1 when
 the generator's output misses a tag. y_hat is used as given (not clipped): our recommender's expected rating
 is always inside [lo, hi], so the reward is in [0, 1] for parsed outputs.
 Works on python floats, numpy arrays and torch tensors (returns the same kind, float32 for tensors).

@@ -83,7 +83,8 @@ def parse_config(cls, presets: dict[str, dict], argv=None, default_preset: str |
         try:
             cfg.check()
         except ConfigError as e:
-            p.error(str(e))  # prints usage and "error: ...", exits with status 2
+            print(f"{p.prog}: error: {e}", file=sys.stderr)  # one line naming the flag
+            sys.exit(2)
     return cfg, preset
 
 
