@@ -292,16 +292,16 @@ def test_bfloat16_compute_path_on_cpu(tmp_path, nproc):
 def test_build_models_compute_dtype():
     """--dtype: empty is the device's default; bfloat16 without FSDP keeps the policy's weights fp32 and turns on
     its autocast, the frozen reference is loaded in bf16."""
-    from rl import distributed as D
+    from rl.distributed import Dist
     from rl.loop import build_models, resolve_dtype
 
     assert resolve_dtype("", "cpu") == torch.float32 and resolve_dtype("", "cuda") == torch.bfloat16
     assert resolve_dtype("float32", "cuda") == torch.float32
     with pytest.raises(ValueError, match="--dtype 'bf16'"):
         resolve_dtype("bf16", "cpu")
-    m = build_models(str(STORIES), "reference", None, False, D.Dist(), "bfloat16")
+    m = build_models(cfg_from(["--model", str(STORIES), "--dtype", "bfloat16"]), None, Dist())
     assert m.policy.lm_head.weight.dtype == torch.float32 and m.policy.autocast_dtype == torch.bfloat16
     assert m.reference.lm_head.weight.dtype == torch.bfloat16 and m.rec_model is m.reference
     ids = torch.tensor([[1, 5, 9, 12]])
     assert m.policy(ids).dtype == m.reference(ids).dtype == torch.bfloat16
-    assert build_models(str(STORIES), "reference", None, False, D.Dist()).policy.autocast_dtype is None
+    assert build_models(cfg_from(["--model", str(STORIES)]), None, Dist()).policy.autocast_dtype is None
