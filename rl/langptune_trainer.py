@@ -110,9 +110,9 @@ class LangPTuneConfig(loop.RunConfig):
 PRESETS = {
     # offline, synthetic catalogue, SmolLM2-135M-Instruct as writer and embedding model: one iteration in about
     # ten minutes on two cores
-    "cpu-demo": dict(iterations=1, targets=48, rec_steps=40, writer_steps=10, prompts_per_step=4, rec_batch=8,
-                     max_new_tokens=64, user_history=20, review_chars=80, lr=1e-5, rec_lr=1e-5, lora_rank=0,
-                     val_examples=48, save_every=1, val_every=1),
+    "cpu-demo": dict(iterations=1, targets=32, rec_steps=16, writer_steps=6, prompts_per_step=4, rec_batch=8,
+                     embed_tokens=96, max_new_tokens=48, user_history=12, review_chars=60, lr=1e-5, rec_lr=1e-4,
+                     val_examples=32, save_every=1, val_every=1),
     # the public code's hyper-parameters (Llama-3-8B with its top 4 blocks trained; mxbai-embed-large there)
     "langptune-paper": dict(model="meta-llama/Llama-3.1-8B-Instruct", iterations=5, rec_steps=2500,
                             writer_steps=500, lr=3e-7, rec_lr=3e-7, eta=1.0, kl_coef=0.0, max_new_tokens=512,
@@ -393,9 +393,11 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
             write_text_atomic(run_dir / "profiles" / f"iteration_{it}.json",
                               json.dumps(profiles, ensure_ascii=False, indent=1))
         # 2-3. the recommender on them, then the item embeddings
+        t1 = time.perf_counter()
         rec_m = scorer.fit(train_targets, profiles, cfg.rec_steps, seed)
         if not cfg.rec_steps and cfg.rec_kind == "retrieval":
             scorer.index.refresh()
+        t2 = time.perf_counter()
         # 4. the writer against the updated recommender
         writer_m = []
         optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
@@ -403,11 +405,14 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
             writer_m.append(writer_step(s, cfg, models, scorer, ds, hx, train_targets, optimizer, seed, d))
             tracker.scalars(writer_m[-1], it * cfg.writer_steps + s + 1, prefix="writer/")
         # 5. validation: greedy profiles of the valid targets, ranked by the recommender
+        t3 = time.perf_counter()
         val_profiles = write_greedy(models, cfg, ds, hx, valid_targets, d)
         val = scorer.metrics(valid_targets, val_profiles)
         val["format_failure_rate"] = sum(p is None for p in val_profiles) / len(val_profiles)
-        last = {"iteration": it + 1, **rec_m, **{f"val_{k}": v for k, v in val.items()},
-                "seconds": time.perf_counter() - t0}
+        t4 = time.perf_counter()
+        last = {"iteration": it + 1, **rec_m, **{f"val_{k}": v for k, v in val.items()}, "seconds": t4 - t0,
+                "time_profiles": t1 - t0, "time_recommender": t2 - t1, "time_writer": t3 - t2,
+                "time_validation": t4 - t3}
         if writer_m:
             last.update({k: sum(m[k] for m in writer_m) / len(writer_m) for k in writer_m[0]})
         tracker.scalars(last, it + 1, prefix="iteration/")
