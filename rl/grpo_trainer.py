@@ -69,6 +69,10 @@ class GRPOConfig(loop.RunConfig):
     top_k: int = 0
     max_new_tokens: int = 128
     old_logprobs: str = field(default="recompute", metadata={"help": "recompute | sampler"})
+    rollout_tokens: int = field(default=0, metadata={
+        "help": "KV-cache budget of the rollout, in token slots: a rank's prompts are decoded in chunks of k prompts, "
+                "k x group_size x (max_prompt_tokens + max_new_tokens) <= this, with the samples of one batch; "
+                "0: all of a rank's prompts at once"})
     # update
     mini_batch_prompts: int = 4
     micro_batch_rows: int = 4
@@ -96,6 +100,10 @@ class GRPOConfig(loop.RunConfig):
              f"must be a multiple of --mini-batch-prompts ({self.mini_batch_prompts})", self.prompts_per_step)
         for name in ("user_history", "item_history", "review_chars", "top_k"):
             must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        group_slots = self.group_size * (self.max_prompt_tokens + self.max_new_tokens)
+        must(self.rollout_tokens == 0 or self.rollout_tokens >= group_slots, "rollout_tokens",
+             f"must be 0 (no budget) or hold one prompt's group, group_size x (max_prompt_tokens + "
+             f"max_new_tokens) = {group_slots}", self.rollout_tokens)
         must(self.temperature > 0, "temperature", "must be > 0 (rollouts sample)", self.temperature)
         must(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         must(0 <= self.clip_low < 1, "clip_low", "must be in [0, 1)", self.clip_low)
@@ -166,20 +174,33 @@ def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) ->
     return last
 
 
+def rollout_chunk_prompts(cfg: GRPOConfig, prompts_per_rank: int) -> int:
+    """How many prompts the sampler decodes at once under --rollout-tokens: the most whose KV cache, prompts x G x
+    (max_prompt_tokens + max_new_tokens) slots, fits the budget; all of a rank's prompts without one. A function
+    of the config alone, never of the prompts' lengths: every rank runs the same number of chunks, each a
+    collective sequence of decode steps under FSDP."""
+    if not cfg.rollout_tokens:
+        return prompts_per_rank
+    group_slots = cfg.group_size * (cfg.max_prompt_tokens + cfg.max_new_tokens)
+    return max(1, min(prompts_per_rank, cfg.rollout_tokens // group_slots))
+
+
 def rollout(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, d: dist.Dist) -> tuple[list[Episode], object]:
     """This rank's episodes of the step, each with its G samples; also the sampler's output (its log-probs).
     Each row's random stream is keyed by (seed, step, global position), so the samples do not depend on how the
-    prompts are spread over ranks."""
+    prompts are spread over ranks, nor on --rollout-tokens (the chunks keep every row's seed and the one
+    batch's padding, see model/sampler.generate)."""
     pool = loop.step_indices(step, cfg.prompts_per_step, env.num_prompts(), cfg.seed)
     mine = loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)
     episodes = [env.episode(pool[p]) for p in mine]
     G, tok = cfg.group_size, models.tokenizer
+    chunk = rollout_chunk_prompts(cfg, len(mine))
     models.policy.eval()
     with torch.no_grad(), dist.gathered(models.policy):
         out = generate(models.policy, [e.prompt_ids for e in episodes], cfg.max_new_tokens,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=G, eos_ids=tok.eos_ids,
                        pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size, sync_ranks=d.enabled,
-                       stop_texts=env.stop_texts, decode=tok.decode,
+                       stop_texts=env.stop_texts, decode=tok.decode, chunk_prompts=chunk,
                        seeds=[row_seed(cfg.seed * 1_000_003 + step, p, j) for p in mine for j in range(G)])
     completions = out.completions()
     for b, e in enumerate(episodes):
