@@ -240,15 +240,15 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
         e.advantages = adv[b * G:(b + 1) * G]
     t2 = time.perf_counter()
     # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
-    V = tok.vocab_size
+    V, chunk = tok.vocab_size, cfg.logprob_chunk_tokens
     batch = make_batch([e.prompt_ids for e in episodes], [c for e in episodes for c in e.completions],
                        tok.pad_token_id, repeat=G).to(d.device)
     with torch.no_grad():
         if cfg.old_logprobs == "sampler":
             old = out.logprobs[:, :batch.completion_len].to(d.device)
         else:
-            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V)
-        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V) \
+            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk)
+        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk) \
             if cfg.kl_coef else None
     del out  # the sampler's KV cache and tensors are not needed for the update
     # 6. PPO epochs over mini-batches, gradient accumulation over micro-batches. Every micro-batch loss is over
@@ -267,7 +267,8 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
             for m in range(s, min(s + rows_per_mb, rows), cfg.micro_batch_rows):
                 mi = slice(m, min(m + cfg.micro_batch_rows, s + rows_per_mb))
                 mbatch = batch.rows(mi)
-                logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V)
+                logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V,
+                                                chunk_tokens=chunk)
                 loss, lm = grpo_loss(logp, old[mi], None if ref is None else ref[mi], adv[mi].to(d.device),
                                      mbatch.mask, kl_coef=cfg.kl_coef, clip_low=cfg.clip_low,
                                      clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg, global_tokens=mb_tokens,

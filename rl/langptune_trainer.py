@@ -248,14 +248,15 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer: Sc
         old_tok = out.logprobs[:, :batch.completion_len]
         old = (old_tok * batch.mask).sum(1)  # (2P,) sequence log-probs of the policy that sampled
         if cfg.kl_coef:
-            ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V)
-                   * batch.mask).sum(1)
+            ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V,
+                                    cfg.logprob_chunk_tokens) * batch.mask).sum(1)
             shaped = kl_penalised(rewards, old, ref, cfg.kl_coef)
         else:
             shaped = rewards
     shaped = whiten(shaped)
     policy.train()
-    logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V)
+    logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V,
+                                      chunk_tokens=cfg.logprob_chunk_tokens)
     if cfg.writer_loss == "rebel":
         logp = (logp_tok * batch.mask).sum(1)
         loss, m = rebel_loss(logp.view(-1, 2), old.view(-1, 2), shaped.view(-1, 2), eta=cfg.eta)

@@ -85,7 +85,8 @@ def test_rollout_in_chunks_equals_one_batch(tmp_path):
 
 
 def test_fsdp_two_ranks_equal_one_process(tmp_path):
-    args = [*TOY, "--max-steps", "3", "--save-every", "3"]
+    """Also the lm_head in chunks of 7 positions under FSDP (log-probs inside forward, recomputed in backward)."""
+    args = [*TOY, "--max-steps", "3", "--save-every", "3", "--logprob-chunk-tokens", "7"]
     run_script([*args, "--run-dir", str(tmp_path / "one")])
     run_script([*args, "--run-dir", str(tmp_path / "two")], nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
