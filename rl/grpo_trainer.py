@@ -34,6 +34,7 @@ from model.sampler import generate, row_seed
 
 from . import distributed as dist
 from . import loop
+from .memory import PhasePeaks
 from .config import must, one_of
 from .envs import Env, Episode
 from .grpo import group_advantages, grpo_loss
@@ -125,10 +126,13 @@ PRESETS = {
                      user_history=8, item_history=3, review_chars=60, max_new_tokens=160, temperature=0.8,
                      lr=1e-5, response_prefix="<user_profile><cue>", format_reward="graded",
                      old_logprobs="sampler", max_steps=10, save_every=5, val_every=5, val_examples=16),
-    # hyper-parameters of DUET's public verl configuration, Qwen3-8B on GPUs
+    # hyper-parameters of DUET's public verl configuration, Qwen3-8B on GPUs; the rollout decodes 4 of a rank's
+    # 8 prompts at a time (a 22 GiB KV cache: the whole batch's 44 GiB would not fit beside the gathered policy
+    # on an 80 GiB GPU, scripts/plan_memory.py)
     "duet-paper": dict(model="Qwen/Qwen3-8B", prompts_per_step=64, mini_batch_prompts=32, group_size=8,
                        micro_batch_rows=8, lr=1e-6, weight_decay=0.01, kl_coef=0.001, clip_low=0.2, clip_high=0.2,
-                       max_prompt_tokens=4096, max_new_tokens=896, ppo_epochs=1, max_steps=10_000,
+                       max_prompt_tokens=4096, max_new_tokens=896, rollout_tokens=4 * 8 * (4096 + 896),
+                       ppo_epochs=1, max_steps=10_000,
                        user_history=10, item_history=10, activation_checkpointing=True, save_every=50,
                        val_every=25, val_examples=256),
 }
@@ -228,9 +232,11 @@ class TokenMeans:
 
 def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: loop.Run, d: dist.Dist) -> dict:
     policy, tok, G = models.policy, models.tokenizer, cfg.group_size
+    peaks = PhasePeaks(d.device)  # the peak of allocated memory in each phase (CUDA), logged as mem_peak_gib_*
     t0 = time.perf_counter()
     # 1-2. this rank's prompts and their G samples each
     episodes, out = rollout(step, cfg, models, env, d)
+    peaks.end("rollout")
     t1 = time.perf_counter()
     # 3. rewards; 4. advantages within each group (a whole group lives on one rank)
     info = env.score(episodes, d)
@@ -238,6 +244,7 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
     adv, adv_m = group_advantages(rewards, G, eps=cfg.adv_eps, scale_by_std=cfg.scale_adv_by_std)
     for b, e in enumerate(episodes):
         e.advantages = adv[b * G:(b + 1) * G]
+    peaks.end("score")
     t2 = time.perf_counter()
     # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
     V, chunk = tok.vocab_size, cfg.logprob_chunk_tokens
@@ -251,6 +258,7 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
         ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk) \
             if cfg.kl_coef else None
     del out  # the sampler's KV cache and tensors are not needed for the update
+    peaks.end("logprobs")
     # 6. PPO epochs over mini-batches, gradient accumulation over micro-batches. Every micro-batch loss is over
     # the mini-batch's GLOBAL token (or sequence) count, so the micro-batch losses of all ranks sum to the
     # mini-batch loss: that sum is what is back-propagated, and what train/loss logs.
@@ -286,12 +294,13 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
+    peaks.end("update")
     t3 = time.perf_counter()
 
     metrics = step_metrics(cfg, episodes, means, losses, grad_norms, ratio_max, adv_m, run, d)
     metrics.update(time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2,
                    tokens_per_second=metrics["response_length"] * len(rewards) * d.world / max(1e-9, t1 - t0),
-                   **{f"env_{k}": v for k, v in info.items()})
+                   **{f"env_{k}": v for k, v in info.items()}, **peaks.metrics())
     if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
         e = episodes[0]
         shown = [f"**reward {e.rewards[j]:.3f}**{' (format failure)' if e.failed[j] else ''}\n\n```\n{e.texts[j]}\n```"
