@@ -27,6 +27,7 @@ from . import lettingo
 from . import loop
 from .config import must, one_of
 from .dpo import dpo_loss, sequence_logprob
+from .memory import PhasePeaks
 from .rollout import completion_logprobs, make_batch
 from .validation import validate
 
@@ -205,7 +206,7 @@ def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path,
 def train(cfg: DPOConfig, preset: str | None = None) -> dict:
     """DPO on the pairs of run_dir/pairs.jsonl: every step is one update; validation and checkpoints every few."""
     cfg.check()
-    d = dist.setup(cfg.device or None)
+    d = dist.setup(cfg.device or None, cfg.fsdp)
     loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)  # the pairs split over the ranks
     torch.manual_seed(cfg.seed)
     ds, hx = lettingo.dataset(cfg)
@@ -252,6 +253,7 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
 
 def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run: loop.Run, d: dist.Dist) -> dict:
     policy = models.policy
+    peaks = PhasePeaks(d.device)  # the step's peak of allocated memory (CUDA), logged as mem_peak_gib_update
     global_idx = loop.step_indices(step, cfg.pairs_per_step, len(encoded), cfg.seed)
     mine = [global_idx[p] for p in loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)]
     policy.train()
@@ -272,10 +274,12 @@ def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+    peaks.end("update")
     tot = dist.all_sum(sums, d)
     metrics = {k: float(v) if k == "loss" else float(v) / cfg.pairs_per_step for k, v in zip(keys, tot)}
     metrics["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
     metrics["lr"] = run.scheduler.get_last_lr()[0]
+    metrics.update(peaks.metrics())
     if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
         p = pairs[global_idx[0]]
         run.tracker.text("pairs", f"**chosen** ({p['chosen_score']:.3f}, {p['chosen_from']})\n\n{p['chosen']}\n\n"

@@ -152,7 +152,7 @@ def make_env(cfg: GRPOConfig, models: loop.Models, d: dist.Dist) -> Env:
 def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) -> dict:
     """The GRPO run: every step is rollout + update; validation and checkpoints every few steps."""
     cfg.check()
-    d = dist.setup(cfg.device or None)
+    d = dist.setup(cfg.device or None, cfg.fsdp)
     loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks
     torch.manual_seed(cfg.seed)
     resume_from = loop.resume_point(cfg)

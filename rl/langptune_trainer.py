@@ -275,7 +275,7 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer: Sc
 def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     """The alternation: for each iteration, profiles -> recommender -> item embeddings -> writer -> validation."""
     cfg.check()
-    d = dist.setup(cfg.device or None)
+    d = dist.setup(cfg.device or None, cfg.fsdp)
     if d.enabled:
         raise ConfigError("train_langptune.py runs in one process (FSDP for this loop is not built yet): run it "
                           "without torchrun or with --nproc_per_node=1")

@@ -45,6 +45,9 @@ class RunConfig:
                 "hidden states (lm_head per chunk, recomputed in the backward), so its whole (rows, length, vocab) "
                 "logit block never exists; 0: the whole block at once"})
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun with one process, still join the process group (nccl on CUDA) and shard with "
+                "FSDP: the multi-GPU code path on one device, for checks; several processes always shard"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the policy; 0: full weights"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is alpha / rank * BA)"})
     lora_dropout: float = 0.0

@@ -152,10 +152,10 @@ def _weights(s: Shapes, trainable: int, gpus: int, c: int, with_grads: bool, ref
     return parts
 
 
-def _gathered(s: Shapes, gpus: int, c: int, whole: bool, reference: Shapes | None) -> dict[str, int]:
+def _gathered(s: Shapes, sharded: bool, c: int, whole: bool, reference: Shapes | None) -> dict[str, int]:
     """Compute-dtype copies of sharded weights: FSDP's gathered blocks and roots (a root keeps its parameters
     gathered once it ran), or autocast's bf16 copy in one process (none when one process computes in fp32)."""
-    if gpus == 1:
+    if not sharded:
         return {"autocast bf16 copy of the policy": c * s.params} if c < 4 else {}
     if whole:
         parts = {"policy gathered (all blocks)": c * s.params}
@@ -194,7 +194,7 @@ def logprob_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, temp
     return {"logits": head, "hidden states": rows * (L + 1) * s.hidden * (c + 4)}
 
 
-def update_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, checkpointing: bool, gpus: int,
+def update_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, checkpointing: bool, sharded: bool,
                  trainable: int, entropy: bool = True, temperature: float = 1.0) -> dict[str, int]:
     """One micro-batch's forward and backward at its peak: at the head's backward (every activation kept), or
     during the first block's backward (checkpointing: inputs kept, one block recomputed), whichever is larger."""
@@ -214,7 +214,7 @@ def update_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, check
         at_head = {**kept, "logits (forward and backward)": head}
         at_block = {**kept, "block backward temporaries": tokens * backward_working_bytes(s, c)}
     parts = at_head if sum(at_head.values()) >= sum(at_block.values()) else at_block
-    if gpus > 1:  # a block's gradients in the compute dtype, cast to fp32 for the reduce-scatter
+    if sharded:  # a block's gradients in the compute dtype, cast to fp32 for the reduce-scatter
         block_trainable = s.block if trainable == s.params else min(s.block, trainable)
         parts["block gradients and reduce-scatter buffer"] = (c + 4) * block_trainable
         if trainable == s.params:  # the head's gradient, from the first step of the backward to the root's reduce
@@ -232,10 +232,11 @@ class Phases:
         return {k: sum(v.values()) for k, v in self.phases.items()}
 
 
-def load_parts(s: Shapes, gpus: int, c: int, reference: Shapes | None, others: list[Shapes]) -> dict[str, int]:
+def load_parts(s: Shapes, gpus: int, sharded: bool, c: int, reference: Shapes | None,
+               others: list[Shapes]) -> dict[str, int]:
     """rl/loop.build_models: each rank reads the whole policy in fp32 onto its device, then FSDP keeps its shard;
     then the reference (and a recommender) whole in the compute dtype, then its shard. The peak of the two."""
-    if gpus == 1:
+    if not sharded:
         parts = {"policy fp32": 4 * s.params}
         if reference is not None:
             parts["reference weights"] = c * reference.params
@@ -253,9 +254,12 @@ def load_parts(s: Shapes, gpus: int, c: int, reference: Shapes | None, others: l
     return policy if sum(policy.values()) >= sum(after.values()) else after
 
 
-def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None = None) -> Phases:
+def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None = None,
+              fsdp: bool | None = None) -> Phases:
     """Per-rank memory of each phase of a GRPO step (rl/grpo_trainer.grpo_step) under cfg's flags. c: bytes of the
-    compute dtype (2: bf16, 4: fp32); recommender: the shapes of a separate --recommender (None: the reference)."""
+    compute dtype (2: bf16, 4: fp32); recommender: the shapes of a separate --recommender (None: the reference);
+    fsdp: whether the models are sharded (default: with several GPUs; --fsdp shards on one)."""
+    sharded = gpus > 1 if fsdp is None else fsdp
     from .distributed import Dist
     from .grpo_trainer import rollout_chunk_prompts
     from .loop import rank_share
@@ -269,17 +273,17 @@ def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None 
     held = _weights(s, trainable, gpus, c, False, reference, others)
     rows = cfg.micro_batch_rows
     phases = {
-        "load": load_parts(s, gpus, c, reference, others),
-        "rollout": {**held, **_gathered(s, gpus, c, True, reference),
+        "load": load_parts(s, gpus, sharded, c, reference, others),
+        "rollout": {**held, **_gathered(s, sharded, c, True, reference),
                     **rollout_parts(s, prompts, G, P, L, chunk, c, cfg.top_p)},
-        "old/ref log-probs": {**held, **_gathered(s, gpus, c, False, reference),
+        "old/ref log-probs": {**held, **_gathered(s, sharded, c, False, reference),
                               **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.temperature)},
         "update": {**_weights(s, trainable, gpus, c, True, reference, others),
-                   **_gathered(s, gpus, c, False, reference),
-                   **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing, gpus,
-                                  trainable, temperature=cfg.temperature)},
+                   **_gathered(s, sharded, c, False, reference),
+                   **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing,
+                                  sharded, trainable, temperature=cfg.temperature)},
     }
-    info = dict(trainer="grpo", params=s.params, trainable=trainable, gpus=gpus, compute_bytes=c,
+    info = dict(trainer="grpo", params=s.params, trainable=trainable, gpus=gpus, fsdp=sharded, compute_bytes=c,
                 prompts_per_rank=prompts, group_size=G, prompt_tokens=P, new_tokens=L, rollout_chunk_prompts=chunk,
                 rollout_chunks=-(-prompts // chunk), micro_batch_rows=rows,
                 logprob_chunk_tokens=cfg.logprob_chunk_tokens, activation_checkpointing=cfg.activation_checkpointing)
@@ -287,13 +291,14 @@ def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None 
 
 
 def dpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, explorers: list[Shapes] | None = None,
-             recommender: Shapes | None = None) -> Phases:
+             recommender: Shapes | None = None, fsdp: bool | None = None) -> Phases:
     """Per-rank memory of LettinGo's stages (rl/lettingo.py: each explorer whole in the compute dtype sampling 8
     prompts x --samples at a time) and of a DPO step (rl/dpo_trainer.dpo_step: chosen and rejected rows of
     --micro-batch-pairs pairs, prompt + --max-new-tokens positions)."""
     from .distributed import Dist
     from .loop import rank_share
 
+    sharded = gpus > 1 if fsdp is None else fsdp
     rank_share(cfg.pairs_per_step, cfg.pairs_per_step, Dist(world=gpus))  # the pairs split over the ranks
     P, L = cfg.max_prompt_tokens, cfg.max_new_tokens
     trainable = trainable_params(s, cfg)
@@ -305,19 +310,19 @@ def dpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, explorers: list[Shapes] | No
         phases[f"explore ({cfg.explorers[i]})"] = {
             "explorer weights (whole)": c * e.params,
             **rollout_parts(e, 8, max(int(cfg.samples), 1), P, L, 8, c, 1.0)}
-    phases["load"] = load_parts(s, gpus, c, reference, others)
+    phases["load"] = load_parts(s, gpus, sharded, c, reference, others)
     # computed once, before the optimizer exists and before the policy's first forward
     before_training = {k: v for k, v in _weights(s, trainable, gpus, c, False, reference, others).items()
                        if not k.startswith("Adam")}
     phases["reference log-probs"] = {**before_training,
-                                     **{k: v for k, v in _gathered(s, gpus, c, False, reference).items()
+                                     **{k: v for k, v in _gathered(s, sharded, c, False, reference).items()
                                         if not k.startswith("policy")},
                                      **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c)}
     phases["update"] = {**_weights(s, trainable, gpus, c, True, reference, others),
-                        **_gathered(s, gpus, c, False, reference),
+                        **_gathered(s, sharded, c, False, reference),
                         **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing,
-                                       gpus, trainable, entropy=False)}
-    info = dict(trainer="dpo", params=s.params, trainable=trainable, gpus=gpus, compute_bytes=c,
+                                       sharded, trainable, entropy=False)}
+    info = dict(trainer="dpo", params=s.params, trainable=trainable, gpus=gpus, fsdp=sharded, compute_bytes=c,
                 micro_batch_rows=rows, prompt_tokens=P, new_tokens=L, logprob_chunk_tokens=cfg.logprob_chunk_tokens,
                 activation_checkpointing=cfg.activation_checkpointing)
     return Phases(phases, info)

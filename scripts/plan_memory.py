@@ -66,11 +66,12 @@ def make_plan(args, rest):
     c = 4 if cfg.dtype == "float32" else 2  # the trainers compute in bf16 on GPUs unless told
     shapes = model_shapes(model_config(args.model_config or cfg.model))
     recommender = None if cfg.recommender == "reference" else model_shapes(model_config(cfg.recommender))
+    fsdp = True if cfg.fsdp else None  # --fsdp shards on one GPU too
     if trainer == "grpo":
-        plan = grpo_plan(cfg, shapes, args.gpus, c, recommender)
+        plan = grpo_plan(cfg, shapes, args.gpus, c, recommender, fsdp)
     else:
         explorers = [model_shapes(model_config(e)) for e in cfg.explorers]
-        plan = dpo_plan(cfg, shapes, args.gpus, c, explorers, recommender)
+        plan = dpo_plan(cfg, shapes, args.gpus, c, explorers, recommender, fsdp)
     plan.info.update(preset=preset, model=args.model_config or cfg.model)
     return plan
 
