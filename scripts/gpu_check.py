@@ -229,6 +229,9 @@ def attention_backends(device) -> dict:
             params = SDPAParams(q, kv, kv, m, 0.0, causal)
         out[f"sdpa_{name}_gqa_flash"] = bool(can_use_flash_attention(params, False))
         out[f"sdpa_{name}_gqa_efficient"] = bool(can_use_efficient_attention(params, False))
+        cudnn = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
+        if cudnn is not None:
+            out[f"sdpa_{name}_gqa_cudnn"] = bool(cudnn(params, False))
     return out
 
 
