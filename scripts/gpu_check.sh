@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh                 # writes $OUT/gpu_check.json when OUT is set, else prints the JSON
 #   bash scripts/gpu_check.sh --cpu-tiny      # the same stages on a tiny model on the CPU (gloo), for tests
 #
-# Every stage runs under a time limit (8 minutes in all at most), so a stuck stage fails instead of hanging; a
+# Every stage runs under a time limit (under 8 minutes in all), so a stuck stage fails instead of hanging; a
 # failed stage is reported with its exit status and the next one still runs. Exit status: 0 when every stage
 # passed, 1 when one failed, 3 without CUDA.
 set -uo pipefail
@@ -15,12 +15,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEVICE=cuda
 TINY=()
-LIMITS=(90 150 110 110)  # seconds: build, kernels, grpo, dpo (the report takes a second)
+LIMITS=(80 140 100 100)  # seconds: build, kernels, grpo, dpo (the report takes a second)
 if [[ "${1:-}" == "--cpu-tiny" ]]; then
     DEVICE=cpu
     TINY=(--tiny)
     LIMITS=(60 120 120 120)
-elif ! timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"; then
+elif ! timeout 30 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"; then
     echo "gpu_check: no CUDA device: torch.cuda.is_available() is False (or torch did not import) for $PY" >&2
     exit 3
 fi
@@ -34,7 +34,7 @@ stage() {  # stage NAME LIMIT COMMAND...: run it under the limit, log its output
     shift 2
     local start=$SECONDS
     echo "== $name (at most ${limit}s)" >&2
-    timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
     echo "$name $rc $((SECONDS - start))" >> "$STATUS"
     if [[ $rc -ne 0 ]]; then
