@@ -30,12 +30,14 @@ class KVCache:
     def advance(self, T: int):
         self.pos += T
 
-    def repeat_interleave(self, n: int, max_len: int | None = None) -> "KVCache":
-        """A new cache whose row b*n + j is a copy of row b (group sampling: one prefill, n continuations)."""
+    def repeat_interleave(self, n: int, max_len: int | None = None, rows: slice = slice(None)) -> "KVCache":
+        """A new cache whose row b*n + j is a copy of row b (group sampling: one prefill, n continuations), of the
+        rows `rows` only (a chunk of the prompts) when given."""
         max_len = max_len or self.max_len
         out = KVCache.__new__(KVCache)
         out.k, out.v = [], []
         for buf_k, buf_v in zip(self.k, self.v):
+            buf_k, buf_v = buf_k[rows], buf_v[rows]
             B, KV, _, hd = buf_k.shape
             nk = buf_k.new_zeros(B * n, KV, max_len, hd)
             nv = buf_v.new_zeros(B * n, KV, max_len, hd)

@@ -23,6 +23,10 @@ Design
 - Under FSDP every rank must run the same number of forward calls (each gathers the sharded weights
   collectively): each step all-reduces an "any row unfinished" flag, and a rank whose rows have all ended keeps
   stepping on padding until every rank is done.
+- Chunks (`chunk_prompts`): the KV cache of B * n rows of P + L slots is the rollout's largest tensor. The B
+  prompts are prefilled together once; then a few prompts at a time get their rows' cache (copied from the
+  prefill), decode until their rows end and free it. Each chunk keeps the whole batch's layout (P, the mask,
+  each row's uniforms), so a row's samples are those of one batch.
 """
 from __future__ import annotations
 
@@ -134,7 +138,7 @@ def _any_unfinished(done: torch.Tensor, sync: bool) -> bool:
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, n: int = 1, eos_ids=(), pad_id: int = 0, vocab_limit: int | None = None,
              seed: int = 0, seeds: list[int] | None = None, min_new_tokens: int = 0,
-             sync_ranks: bool | None = None, stop_texts=(), decode=None) -> SampleOutput:
+             sync_ranks: bool | None = None, stop_texts=(), decode=None, chunk_prompts: int = 0) -> SampleOutput:
     """Sample `n` continuations of each prompt (lists of token ids) with a KV cache; see the module docstring.
 
     temperature: 0 is greedy. top_k 0 / top_p 1.0 turn the truncations off.
@@ -148,7 +152,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     min_new_tokens: EOS ids cannot be chosen before this many tokens (as transformers' min_new_tokens); with
         min_new_tokens = max_new_tokens every row has exactly max_new_tokens tokens (benchmarks).
     sync_ranks: all-reduce the stop flag across ranks each step; None = when torch.distributed is initialised.
-        Every rank must call with the same max_new_tokens.
+        Every rank must call with the same max_new_tokens and the same number of chunks.
+    chunk_prompts: decode at most this many prompts (x n rows) at a time, 0 = all at once. The prompts are
+        prefilled together once (a cache of B x P slots, kept until the last chunk starts); each chunk then
+        copies its rows into a cache of its own, chunk x n x (P + max_new_tokens) slots, freed before the next.
+        The output is the one batch's: same prefill, same seeds, and decode steps whose numbers do not depend on
+        the rows beside them (bitwise on one CPU thread, see model/linear.py and the test; with several threads
+        and on CUDA, up to the rounding of kernels chosen for another batch size).
     Returns SampleOutput with L = number of decode steps run (<= max_new_tokens; fewer when all rows ended).
     """
     B, R = len(prompts), len(prompts) * n
@@ -159,6 +169,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if not p)} is empty")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling parameters temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if chunk_prompts < 0:
+        raise ValueError(f"chunk_prompts must be >= 0 (0: every prompt at once), got {chunk_prompts}")
     stop_texts = [t for t in stop_texts if t]
     if stop_texts and decode is None:
         raise ValueError("stop_texts need decode (ids -> text), e.g. tokenizer.decode")
@@ -166,11 +178,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         raise ValueError(f"seeds has {len(seeds)} entries, expected one per row ({R})")
     if sync_ranks is None:
         sync_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    V = vocab_limit or model.config.vocab_size
     dev = model.model.embed_tokens.weight.device
     L = max_new_tokens
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
-    banned = sorted(set(eos_ids)) if min_new_tokens > 0 else None
 
     # ---- left-padded prompt batch and the mask over all key slots: P prompt slots, then L generated ones
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (B,)
@@ -178,9 +187,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     ids = torch.full((B, P), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    padded = bool((lens != P).any())
     mask = None
-    if padded:  # (B, P + L) bool: real prompt tokens, then every generated slot
+    if bool((lens != P).any()):  # (B, P + L) bool: real prompt tokens, then every generated slot
         mask = torch.ones(B, P + L, dtype=torch.bool)
         mask[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
         mask = mask.to(dev)
@@ -194,44 +202,97 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         u = torch.stack([torch.rand(L, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
                          for s in seeds]).to(dev)  # (R, L)
 
-    # ---- prefill the B distinct prompts once (last position's logits only), then copy the cache to B*n rows
-    cache = model.new_cache(B, P + (L if n == 1 else 0))
+    # ---- prefill the B distinct prompts once (last position's logits only); one prefill serves every chunk
+    step = min(chunk_prompts or B, B)
+    direct = n == 1 and step == B  # the decode writes straight into the prefill's cache
+    cache = model.new_cache(B, P + (L if direct else 0))
     logits = model(ids, attention_mask=None if mask is None else mask[:, :P], kv_cache=cache,
                    num_logits_to_keep=1)[:, -1]  # (B, V_model)
-    if n > 1:
-        cache = cache.repeat_interleave(n, max_len=P + L)
-        logits = logits.repeat_interleave(n, dim=0)  # (R, V_model)
-        mask = None if mask is None else mask.repeat_interleave(n, dim=0)
-    pos = lens.repeat_interleave(n).to(dev)  # (R,) position of the next token of each row
 
-    tokens = torch.full((R, L), pad_id, dtype=torch.long, device=dev)
-    logprobs = torch.zeros(R, L, dtype=torch.float32, device=dev)
-    done = torch.zeros(R, dtype=torch.bool, device=dev)
-    lengths = torch.full((R,), L, dtype=torch.long, device=dev)
-    steps = 0
-    for t in range(L):
-        scores = logits[:, :V].float()  # (R, V) never an id >= vocab_limit
-        tok, lp = pick_tokens(scores, temperature, top_k, top_p, None if u is None else u[:, t],
-                              banned if t < min_new_tokens else None)
-        tok = tok.masked_fill(done, pad_id)
-        tokens[:, t] = tok
-        logprobs[:, t] = lp.masked_fill(done, 0.0)
-        ended = torch.isin(tok, eos) & ~done  # (R,) rows whose first EOS is this token
-        if stop_texts:  # rows whose text now contains a stop text (none did before this token)
-            lo = max(0, t + 1 - max(map(len, stop_texts)))
-            hit = stop_text_hits(tokens[:, lo:t + 1].tolist(), (~done).tolist(), decode, stop_texts)
-            ended = ended | torch.tensor(hit, device=dev)
-        lengths = torch.where(ended, t + 1, lengths)
-        done = done | ended
-        steps = t + 1
-        if steps == L or not _any_unfinished(done, sync_ranks):
-            break
-        logits = model(tok[:, None], position_ids=(pos + t)[:, None],
-                       attention_mask=None if mask is None else mask[:, :P + t + 1],
-                       kv_cache=cache, num_logits_to_keep=1)[:, -1]
-    lengths = torch.where(done, lengths, steps)
-    return SampleOutput(tokens[:, :steps], logprobs[:, :steps], lengths, done,
-                        lens.repeat_interleave(n).to(dev))
+    decoder = _Decoder(model, L, temperature, top_k, top_p, sorted(set(eos_ids)), pad_id,
+                       vocab_limit or model.config.vocab_size, min_new_tokens, sync_ranks, stop_texts, decode)
+    parts = []
+    for a in range(0, B, step):
+        rows = slice(a, min(a + step, B))
+        # rows b*n + j of this chunk: a copy of prompt b's cache each (group sampling: one prefill, n samples)
+        chunk_cache = cache if direct else cache.repeat_interleave(n, max_len=P + L, rows=rows)
+        if rows.stop == B:
+            cache = None  # the prefill's cache is not needed once the last chunk has its copy
+        parts.append(decoder(chunk_cache, logits[rows].repeat_interleave(n, dim=0), lens[rows],
+                             None if mask is None else mask[rows].repeat_interleave(n, dim=0),
+                             None if u is None else u[rows.start * n:rows.stop * n], n))
+        del chunk_cache
+    return parts[0] if len(parts) == 1 else _concat(parts, pad_id)
+
+
+@dataclass
+class _Decoder:
+    """The decode loop of `generate` over one chunk of rows, under the call's sampling settings."""
+    model: object
+    L: int  # max_new_tokens
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_ids: list[int]
+    pad_id: int
+    V: int  # vocab_limit
+    min_new_tokens: int
+    sync_ranks: bool
+    stop_texts: list[str]
+    decode: object
+
+    def __call__(self, cache, logits: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor | None,
+                 u: torch.Tensor | None, n: int) -> SampleOutput:
+        """cache: the rows' prefilled KV cache, room for L more slots; logits (R, V_model) of each row's last
+        prompt position; lens (R / n,) prompt lengths; mask (R, P + L) or None; u (R, L) the rows' uniforms."""
+        model, L, pad_id = self.model, self.L, self.pad_id
+        R, dev = logits.shape[0], logits.device
+        P = cache.pos
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
+        banned = self.eos_ids if self.min_new_tokens > 0 else None
+        pos = lens.repeat_interleave(n).to(dev)  # (R,) position of the next token of each row
+
+        tokens = torch.full((R, L), pad_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(R, L, dtype=torch.float32, device=dev)
+        done = torch.zeros(R, dtype=torch.bool, device=dev)
+        lengths = torch.full((R,), L, dtype=torch.long, device=dev)
+        steps = 0
+        for t in range(L):
+            scores = logits[:, :self.V].float()  # (R, V) never an id >= vocab_limit
+            tok, lp = pick_tokens(scores, self.temperature, self.top_k, self.top_p, None if u is None else u[:, t],
+                                  banned if t < self.min_new_tokens else None)
+            tok = tok.masked_fill(done, pad_id)
+            tokens[:, t] = tok
+            logprobs[:, t] = lp.masked_fill(done, 0.0)
+            ended = torch.isin(tok, eos) & ~done  # (R,) rows whose first EOS is this token
+            if self.stop_texts:  # rows whose text now contains a stop text (none did before this token)
+                lo = max(0, t + 1 - max(map(len, self.stop_texts)))
+                hit = stop_text_hits(tokens[:, lo:t + 1].tolist(), (~done).tolist(), self.decode, self.stop_texts)
+                ended = ended | torch.tensor(hit, device=dev)
+            lengths = torch.where(ended, t + 1, lengths)
+            done = done | ended
+            steps = t + 1
+            if steps == L or not _any_unfinished(done, self.sync_ranks):
+                break
+            logits = model(tok[:, None], position_ids=(pos + t)[:, None],
+                           attention_mask=None if mask is None else mask[:, :P + t + 1],
+                           kv_cache=cache, num_logits_to_keep=1)[:, -1]
+        lengths = torch.where(done, lengths, steps)
+        return SampleOutput(tokens[:, :steps], logprobs[:, :steps], lengths, done, pos.clone())
+
+
+def _concat(parts: list[SampleOutput], pad_id: int) -> SampleOutput:
+    """The chunks' outputs as one, in row order; each chunk's tokens (log-probs) padded with pad_id (0) up to the
+    longest chunk's number of steps, as a row of one batch is after it ends."""
+    L = max(p.tokens.shape[1] for p in parts)
+
+    def right_pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=value)
+
+    return SampleOutput(torch.cat([right_pad(p.tokens, pad_id) for p in parts]),
+                        torch.cat([right_pad(p.logprobs, 0.0) for p in parts]),
+                        torch.cat([p.lengths for p in parts]), torch.cat([p.finished for p in parts]),
+                        torch.cat([p.prompt_lens for p in parts]))
 
 
 # ---- text in, text out ------------------------------------------------------------------------------------------

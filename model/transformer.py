@@ -191,14 +191,17 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
-                num_logits_to_keep: int = 0, return_hidden: bool = False):
+                num_logits_to_keep: int = 0, return_hidden: bool = False, head=None):
         """input_ids (B, T) -> logits (B, T, V) (or the last `num_logits_to_keep` positions).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding over ALL key positions, i.e. the cache
             contents followed by these T tokens (S = kv_cache.pos + T), as in Hugging Face.
         position_ids: (B, T); by default cumsum(attention_mask) - 1 (right for left padding), else past + arange(T).
         kv_cache: keys/values of these tokens are written at kv_cache.pos and the cache advances by T.
-        return_hidden: return the final normalised hidden states (B, T, D) instead of logits (for chunked heads).
+        return_hidden: return the final normalised hidden states (B, T, D) instead of logits.
+        head: a function (hidden (B, T', D), lm_head) -> anything, returned in place of lm_head(hidden); it runs
+            inside forward's autocast and, under FSDP, while the root's parameters (the lm_head) are gathered.
+            For log-probs a chunk of positions at a time, without the whole logit block (rl/logprobs.py).
         """
         B, T = input_ids.shape
         past = kv_cache.pos if kv_cache is not None else 0
@@ -216,6 +219,8 @@ class Transformer(nn.Module):
         mask = self._attention_mask(attention_mask, past, T, dev)
         with self._autocast(dev):
             x = self._layers(input_ids, position_ids, mask, kv_cache, num_logits_to_keep)  # (B, T', D)
+            if head is not None:
+                return head(x, self.lm_head)
             return x if return_hidden else self.lm_head(x)
 
     def hidden_states(self, input_ids, attention_mask=None):

@@ -18,6 +18,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    one_rank_fsdp: bool = False  # a process group of one rank whose models are sharded all the same (--fsdp)
 
     @property
     def is_main(self) -> bool:
@@ -25,23 +26,29 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """Whether models are sharded and the collectives run: several ranks, or one under --fsdp."""
+        return self.world > 1 or self.one_rank_fsdp
 
 
-def setup(device: str | None = None) -> Dist:
-    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU)."""
+def setup(device: str | None = None, fsdp: bool = False) -> Dist:
+    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU). fsdp: join it and shard also
+    when torchrun runs a single process (the multi-GPU code path on one device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if fsdp and "LOCAL_RANK" not in os.environ:
+        from .config import ConfigError
+
+        raise ConfigError("--fsdp needs torchrun (e.g. torchrun --nproc_per_node=1 scripts/train_grpo.py --fsdp ...)")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or fsdp) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+    return Dist(rank=rank, world=world, local_rank=local, device=dev, one_rank_fsdp=fsdp and world == 1)
 
 
 def teardown():
@@ -78,7 +85,7 @@ def exit_if_distributed():
 
 
 def shard(model: torch.nn.Module, d: Dist, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """`fully_shard_model` under a process group of several ranks; else the model as it is.
+    """`fully_shard_model` when d.enabled (several ranks, or one under --fsdp); else the model as it is.
 
     The sharded weights keep their dtype (fp32 masters for the policy); a lower compute_dtype (bf16) is FSDP's
     param_dtype (the gathered copies forward multiplies by), with gradients reduced in fp32.

@@ -27,6 +27,7 @@ from . import lettingo
 from . import loop
 from .config import must, one_of
 from .dpo import dpo_loss, sequence_logprob
+from .memory import PhasePeaks
 from .rollout import completion_logprobs, make_batch
 from .validation import validate
 
@@ -144,13 +145,14 @@ def average_logps(cfg) -> bool:
     return cfg.loss_type == "ipo" and cfg.ipo_average
 
 
-def pair_logprobs(model, encoded, idx, vocab_limit: int | None = None, average: bool = False):
+def pair_logprobs(model, encoded, idx, vocab_limit: int | None = None, average: bool = False, chunk_tokens: int = 0):
     """Log-probs (summed, or per-token averages) of chosen and rejected for pairs `idx`: one batch, chosen rows
-    then rejected rows, over the tokenizer's ids below vocab_limit."""
+    then rejected rows, over the tokenizer's ids below vocab_limit; the head chunk_tokens positions at a time
+    (rl/rollout.completion_logprobs)."""
     prompts = [encoded[i][0] for i in idx] * 2
     comps = [encoded[i][1] for i in idx] + [encoded[i][2] for i in idx]
     batch = make_batch(prompts, comps, pad_id=0).to(next(model.parameters()).device)
-    logp, _ = completion_logprobs(model, batch, vocab_limit=vocab_limit)
+    logp, _ = completion_logprobs(model, batch, vocab_limit=vocab_limit, chunk_tokens=chunk_tokens)
     seq = sequence_logprob(logp, batch.mask, average)  # (2P,)
     return seq[:len(idx)], seq[len(idx):]
 
@@ -177,7 +179,7 @@ def reference_key(cfg) -> dict:
 
 @torch.no_grad()
 def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path, key: dict,
-                       vocab_limit: int | None = None, average: bool = False) -> torch.Tensor:
+                       vocab_limit: int | None = None, average: bool = False, chunk_tokens: int = 0) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected) for every pair, computed once and stored in `path` with
     the `key` they were computed for; a file whose key differs (another model, pairs, style, token limits) is
     recomputed, and the run says why."""
@@ -192,7 +194,7 @@ def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path,
     idx, real = dist.pad_to_world(list(range(len(encoded))), d)
     rows = []
     for s in range(0, len(idx), micro):
-        c, r = pair_logprobs(reference, encoded, idx[s:s + micro], vocab_limit, average)
+        c, r = pair_logprobs(reference, encoded, idx[s:s + micro], vocab_limit, average, chunk_tokens)
         rows += list(zip(idx[s:s + micro], c.tolist(), r.tolist()))
     rows = {i: (c, r) for part in dist.all_gather_objects(rows[:real], d) for i, c, r in part}
     ref = torch.tensor([rows[i] for i in range(len(encoded))], dtype=torch.float32)
@@ -204,7 +206,7 @@ def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path,
 def train(cfg: DPOConfig, preset: str | None = None) -> dict:
     """DPO on the pairs of run_dir/pairs.jsonl: every step is one update; validation and checkpoints every few."""
     cfg.check()
-    d = dist.setup(cfg.device or None)
+    d = dist.setup(cfg.device or None, cfg.fsdp)
     loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)  # the pairs split over the ranks
     torch.manual_seed(cfg.seed)
     ds, hx = lettingo.dataset(cfg)
@@ -216,7 +218,8 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
     models = loop.build_models(cfg, resume_from, d)
     encoded = encode_pairs(pairs, models.tokenizer, ds, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
-                             reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg))
+                             reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg),
+                             cfg.logprob_chunk_tokens)
 
     from eval.recommender import Recommender
 
@@ -250,6 +253,7 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
 
 def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run: loop.Run, d: dist.Dist) -> dict:
     policy = models.policy
+    peaks = PhasePeaks(d.device)  # the step's peak of allocated memory (CUDA), logged as mem_peak_gib_update
     global_idx = loop.step_indices(step, cfg.pairs_per_step, len(encoded), cfg.seed)
     mine = [global_idx[p] for p in loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)]
     policy.train()
@@ -258,7 +262,8 @@ def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run
     sums = torch.zeros(len(keys), dtype=torch.float64)
     for s in range(0, len(mine), cfg.micro_batch_pairs):
         idx = mine[s:s + cfg.micro_batch_pairs]
-        pc, pr = pair_logprobs(policy, encoded, idx, models.tokenizer.vocab_size, average_logps(cfg))
+        pc, pr = pair_logprobs(policy, encoded, idx, models.tokenizer.vocab_size, average_logps(cfg),
+                               cfg.logprob_chunk_tokens)
         rc, rr = ref[idx, 0].to(pc.device), ref[idx, 1].to(pc.device)
         loss, m = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                            loss_type=cfg.loss_type, global_pairs=cfg.pairs_per_step)
@@ -269,10 +274,12 @@ def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+    peaks.end("update")
     tot = dist.all_sum(sums, d)
     metrics = {k: float(v) if k == "loss" else float(v) / cfg.pairs_per_step for k, v in zip(keys, tot)}
     metrics["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
     metrics["lr"] = run.scheduler.get_last_lr()[0]
+    metrics.update(peaks.metrics())
     if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
         p = pairs[global_idx[0]]
         run.tracker.text("pairs", f"**chosen** ({p['chosen_score']:.3f}, {p['chosen_from']})\n\n{p['chosen']}\n\n"

@@ -34,6 +34,7 @@ from model.sampler import generate, row_seed
 
 from . import distributed as dist
 from . import loop
+from .memory import PhasePeaks
 from .config import must, one_of
 from .envs import Env, Episode
 from .grpo import group_advantages, grpo_loss
@@ -69,6 +70,10 @@ class GRPOConfig(loop.RunConfig):
     top_k: int = 0
     max_new_tokens: int = 128
     old_logprobs: str = field(default="recompute", metadata={"help": "recompute | sampler"})
+    rollout_tokens: int = field(default=0, metadata={
+        "help": "KV-cache budget of the rollout, in token slots: a rank's prompts are decoded in chunks of k prompts, "
+                "k x group_size x (max_prompt_tokens + max_new_tokens) <= this, with the samples of one batch; "
+                "0: all of a rank's prompts at once"})
     # update
     mini_batch_prompts: int = 4
     micro_batch_rows: int = 4
@@ -96,6 +101,10 @@ class GRPOConfig(loop.RunConfig):
              f"must be a multiple of --mini-batch-prompts ({self.mini_batch_prompts})", self.prompts_per_step)
         for name in ("user_history", "item_history", "review_chars", "top_k"):
             must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        group_slots = self.group_size * (self.max_prompt_tokens + self.max_new_tokens)
+        must(self.rollout_tokens == 0 or self.rollout_tokens >= group_slots, "rollout_tokens",
+             f"must be 0 (no budget) or hold one prompt's group, group_size x (max_prompt_tokens + "
+             f"max_new_tokens) = {group_slots}", self.rollout_tokens)
         must(self.temperature > 0, "temperature", "must be > 0 (rollouts sample)", self.temperature)
         must(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         must(0 <= self.clip_low < 1, "clip_low", "must be in [0, 1)", self.clip_low)
@@ -117,10 +126,13 @@ PRESETS = {
                      user_history=8, item_history=3, review_chars=60, max_new_tokens=160, temperature=0.8,
                      lr=1e-5, response_prefix="<user_profile><cue>", format_reward="graded",
                      old_logprobs="sampler", max_steps=10, save_every=5, val_every=5, val_examples=16),
-    # hyper-parameters of DUET's public verl configuration, Qwen3-8B on GPUs
+    # hyper-parameters of DUET's public verl configuration, Qwen3-8B on GPUs; the rollout decodes 4 of a rank's
+    # 8 prompts at a time (a 22 GiB KV cache: the whole batch's 44 GiB would not fit beside the gathered policy
+    # on an 80 GiB GPU, scripts/plan_memory.py)
     "duet-paper": dict(model="Qwen/Qwen3-8B", prompts_per_step=64, mini_batch_prompts=32, group_size=8,
                        micro_batch_rows=8, lr=1e-6, weight_decay=0.01, kl_coef=0.001, clip_low=0.2, clip_high=0.2,
-                       max_prompt_tokens=4096, max_new_tokens=896, ppo_epochs=1, max_steps=10_000,
+                       max_prompt_tokens=4096, max_new_tokens=896, rollout_tokens=4 * 8 * (4096 + 896),
+                       ppo_epochs=1, max_steps=10_000,
                        user_history=10, item_history=10, activation_checkpointing=True, save_every=50,
                        val_every=25, val_examples=256),
 }
@@ -140,7 +152,7 @@ def make_env(cfg: GRPOConfig, models: loop.Models, d: dist.Dist) -> Env:
 def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) -> dict:
     """The GRPO run: every step is rollout + update; validation and checkpoints every few steps."""
     cfg.check()
-    d = dist.setup(cfg.device or None)
+    d = dist.setup(cfg.device or None, cfg.fsdp)
     loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks
     torch.manual_seed(cfg.seed)
     resume_from = loop.resume_point(cfg)
@@ -166,20 +178,33 @@ def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) ->
     return last
 
 
+def rollout_chunk_prompts(cfg: GRPOConfig, prompts_per_rank: int) -> int:
+    """How many prompts the sampler decodes at once under --rollout-tokens: the most whose KV cache, prompts x G x
+    (max_prompt_tokens + max_new_tokens) slots, fits the budget; all of a rank's prompts without one. A function
+    of the config alone, never of the prompts' lengths: every rank runs the same number of chunks, each a
+    collective sequence of decode steps under FSDP."""
+    if not cfg.rollout_tokens:
+        return prompts_per_rank
+    group_slots = cfg.group_size * (cfg.max_prompt_tokens + cfg.max_new_tokens)
+    return max(1, min(prompts_per_rank, cfg.rollout_tokens // group_slots))
+
+
 def rollout(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, d: dist.Dist) -> tuple[list[Episode], object]:
     """This rank's episodes of the step, each with its G samples; also the sampler's output (its log-probs).
     Each row's random stream is keyed by (seed, step, global position), so the samples do not depend on how the
-    prompts are spread over ranks."""
+    prompts are spread over ranks, nor on --rollout-tokens (the chunks keep every row's seed and the one
+    batch's padding, see model/sampler.generate)."""
     pool = loop.step_indices(step, cfg.prompts_per_step, env.num_prompts(), cfg.seed)
     mine = loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)
     episodes = [env.episode(pool[p]) for p in mine]
     G, tok = cfg.group_size, models.tokenizer
+    chunk = rollout_chunk_prompts(cfg, len(mine))
     models.policy.eval()
     with torch.no_grad(), dist.gathered(models.policy):
         out = generate(models.policy, [e.prompt_ids for e in episodes], cfg.max_new_tokens,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=G, eos_ids=tok.eos_ids,
                        pad_id=tok.pad_token_id, vocab_limit=tok.vocab_size, sync_ranks=d.enabled,
-                       stop_texts=env.stop_texts, decode=tok.decode,
+                       stop_texts=env.stop_texts, decode=tok.decode, chunk_prompts=chunk,
                        seeds=[row_seed(cfg.seed * 1_000_003 + step, p, j) for p in mine for j in range(G)])
     completions = out.completions()
     for b, e in enumerate(episodes):
@@ -207,9 +232,11 @@ class TokenMeans:
 
 def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: loop.Run, d: dist.Dist) -> dict:
     policy, tok, G = models.policy, models.tokenizer, cfg.group_size
+    peaks = PhasePeaks(d.device)  # the peak of allocated memory in each phase (CUDA), logged as mem_peak_gib_*
     t0 = time.perf_counter()
     # 1-2. this rank's prompts and their G samples each
     episodes, out = rollout(step, cfg, models, env, d)
+    peaks.end("rollout")
     t1 = time.perf_counter()
     # 3. rewards; 4. advantages within each group (a whole group lives on one rank)
     info = env.score(episodes, d)
@@ -217,19 +244,21 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
     adv, adv_m = group_advantages(rewards, G, eps=cfg.adv_eps, scale_by_std=cfg.scale_adv_by_std)
     for b, e in enumerate(episodes):
         e.advantages = adv[b * G:(b + 1) * G]
+    peaks.end("score")
     t2 = time.perf_counter()
     # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
-    V = tok.vocab_size
+    V, chunk = tok.vocab_size, cfg.logprob_chunk_tokens
     batch = make_batch([e.prompt_ids for e in episodes], [c for e in episodes for c in e.completions],
                        tok.pad_token_id, repeat=G).to(d.device)
     with torch.no_grad():
         if cfg.old_logprobs == "sampler":
             old = out.logprobs[:, :batch.completion_len].to(d.device)
         else:
-            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V)
-        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V) \
+            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk)
+        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk) \
             if cfg.kl_coef else None
     del out  # the sampler's KV cache and tensors are not needed for the update
+    peaks.end("logprobs")
     # 6. PPO epochs over mini-batches, gradient accumulation over micro-batches. Every micro-batch loss is over
     # the mini-batch's GLOBAL token (or sequence) count, so the micro-batch losses of all ranks sum to the
     # mini-batch loss: that sum is what is back-propagated, and what train/loss logs.
@@ -246,7 +275,8 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
             for m in range(s, min(s + rows_per_mb, rows), cfg.micro_batch_rows):
                 mi = slice(m, min(m + cfg.micro_batch_rows, s + rows_per_mb))
                 mbatch = batch.rows(mi)
-                logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V)
+                logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V,
+                                                chunk_tokens=chunk)
                 loss, lm = grpo_loss(logp, old[mi], None if ref is None else ref[mi], adv[mi].to(d.device),
                                      mbatch.mask, kl_coef=cfg.kl_coef, clip_low=cfg.clip_low,
                                      clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg, global_tokens=mb_tokens,
@@ -264,12 +294,13 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.scheduler.step()
+    peaks.end("update")
     t3 = time.perf_counter()
 
     metrics = step_metrics(cfg, episodes, means, losses, grad_norms, ratio_max, adv_m, run, d)
     metrics.update(time_rollout=t1 - t0, time_scoring=t2 - t1, time_update=t3 - t2,
                    tokens_per_second=metrics["response_length"] * len(rewards) * d.world / max(1e-9, t1 - t0),
-                   **{f"env_{k}": v for k, v in info.items()})
+                   **{f"env_{k}": v for k, v in info.items()}, **peaks.metrics())
     if cfg.log_text_every and step % cfg.log_text_every == 0 and d.is_main:
         e = episodes[0]
         shown = [f"**reward {e.rewards[j]:.3f}**{' (format failure)' if e.failed[j] else ''}\n\n```\n{e.texts[j]}\n```"

@@ -326,11 +326,11 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
     batch = make_batch(prompts, comps, tok.pad_token_id, repeat=2)
     V = tok.vocab_size
     with torch.no_grad():  # pi_old: the policy before the update, recomputed on the update's own batch
-        old_tok = batched_logprobs(policy, batch, len(comps), cfg.temperature, V)
+        old_tok = batched_logprobs(policy, batch, len(comps), cfg.temperature, V, cfg.logprob_chunk_tokens)
         old = (old_tok * batch.mask).sum(1)  # (2P,) sequence log-probs
         if cfg.kl_coef:
-            ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V)
-                   * batch.mask).sum(1)
+            ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V,
+                                    cfg.logprob_chunk_tokens) * batch.mask).sum(1)
             shaped = kl_penalised(rewards, old, ref, cfg.kl_coef)
         else:
             shaped = rewards
@@ -338,7 +338,8 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
     at = d.rank * len(shaped)
     shaped = whiten(everyone)[at:at + len(shaped)]  # whitened over the whole step, this rank's rows
     policy.train()
-    logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V)
+    logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V,
+                                      chunk_tokens=cfg.logprob_chunk_tokens)
     if cfg.writer_loss == "rebel":
         logp = (logp_tok * batch.mask).sum(1)
         loss, m = rebel_loss(logp.view(-1, 2), old.view(-1, 2), shaped.view(-1, 2), eta=cfg.eta,
@@ -361,7 +362,7 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
 def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     """The alternation: for each iteration, profiles -> recommender -> item embeddings -> writer -> validation."""
     cfg.check()
-    d = dist.setup(cfg.device or None)
+    d = dist.setup(cfg.device or None, cfg.fsdp)
     loop.rank_share(cfg.prompts_per_step, cfg.prompts_per_step, d)  # the writer's batch splits over the ranks
     torch.manual_seed(cfg.seed)
     from .lettingo import dataset

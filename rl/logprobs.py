@@ -8,7 +8,10 @@ the logits at position t are the model's distribution over the token at t + 1.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def _check_temperature(temperature: float) -> None:
@@ -70,3 +73,37 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
         p = torch.softmax(z, dim=-1)  # (b, T, V)
         out.append(lse - (p * z).sum(-1))  # (b, T)
     return torch.cat(out, dim=0) if len(out) > 1 else out[0]
+
+
+def head_logprobs(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                  temperature: float = 1.0, vocab_limit: int | None = None, chunk_tokens: int = 1024,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(tokens) (B, T) fp32 from hidden states (B, T, D) through the output layer `head` (x -> logits), and
+    optionally the entropy (B, T) fp32 (no gradient), `chunk_tokens` positions at a time (0: all at once).
+
+    Never more than one chunk's logits (chunk, V), their fp32 copy and the softmax's temporaries exist: with
+    autograd, each chunk runs under activation checkpointing (torch.utils.checkpoint), which keeps only the chunk's
+    hidden states and recomputes its logits in the backward, one chunk at a time, at the price of one more head
+    product per token. The values equal token_logprobs(head(hidden)) up to the rounding of the head's product on
+    fewer rows; the gradients are the same sums taken chunk by chunk. vocab_limit: the softmax runs over the
+    first vocab_limit logits only (see rl/rollout.completion_logprobs).
+    """
+    B, T, D = hidden.shape
+    flat_h, flat_tok = hidden.reshape(B * T, D), tokens.reshape(B * T)
+    step = min(chunk_tokens or B * T, B * T) or 1
+
+    def chunk(h: torch.Tensor, tok: torch.Tensor):
+        logits = head(h)[:, :vocab_limit]  # (c, V)
+        logp = token_logprobs(logits[None], tok[None], temperature)[0]  # (c,)
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():
+            return logp, token_entropy(logits.detach()[None], temperature)[0]
+
+    # one chunk keeps its logits for the backward as any forward does; several recompute theirs
+    recompute = torch.is_grad_enabled() and step < B * T
+    parts = [checkpoint(chunk, flat_h[s:s + step], flat_tok[s:s + step], use_reentrant=False) if recompute
+             else chunk(flat_h[s:s + step], flat_tok[s:s + step]) for s in range(0, B * T, step)]
+    logp = torch.cat([lp for lp, _ in parts]).view(B, T)
+    ent = torch.cat([e for _, e in parts]).view(B, T) if with_entropy else None
+    return logp, ent

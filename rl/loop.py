@@ -40,7 +40,14 @@ class RunConfig:
     val_examples: int = 32
     log_text_every: int = 5
     activation_checkpointing: bool = False
+    logprob_chunk_tokens: int = field(default=1024, metadata={
+        "help": "log-probs and entropies of a micro-batch are computed this many positions at a time from the final "
+                "hidden states (lm_head per chunk, recomputed in the backward), so its whole (rows, length, vocab) "
+                "logit block never exists; 0: the whole block at once"})
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun with one process, still join the process group (nccl on CUDA) and shard with "
+                "FSDP: the multi-GPU code path on one device, for checks; several processes always shard"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the policy; 0: full weights"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is alpha / rank * BA)"})
     lora_dropout: float = 0.0
@@ -59,7 +66,7 @@ class RunConfig:
         must(self.grad_clip > 0, "grad_clip", "must be > 0", self.grad_clip)
         one_of("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         for name in ("warmup_steps", "max_steps", "save_every", "stop_after", "val_every", "val_examples",
-                     "log_text_every"):
+                     "log_text_every", "logprob_chunk_tokens"):
             must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         must(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         must(self.device in ("", "cpu", "cuda") or self.device.startswith("cuda:"), "device",

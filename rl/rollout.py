@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import token_entropy, token_logprobs
+from .logprobs import head_logprobs, token_entropy, token_logprobs
 
 
 @dataclass
@@ -59,15 +59,24 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 
 def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
-                        vocab_limit: int | None = None):
+                        vocab_limit: int | None = None, chunk_tokens: int = 0):
     """log p(completion token) under softmax(logits / T) in fp32, (R, L); optionally the entropy (R, L).
 
     The logits at column t predict the token at t + 1, so the L completion tokens (columns P .. P+L-1) are scored
-    by the logits at columns P-1 .. P+L-2: we keep the last L + 1 logit columns and drop the final one.
+    by the logits at columns P-1 .. P+L-2: we keep the last L + 1 positions and drop the final one.
     vocab_limit: the softmax runs over ids below it only, as the sampler's does (pass the tokenizer's size: Qwen's
     embedding table is larger), so old log-probs from the sampler and recomputed ones share one distribution.
+    chunk_tokens: the lm_head runs inside the model's forward on this many positions at a time, each chunk's
+    logits recomputed in the backward (rl/logprobs.head_logprobs), so the (R, L, V) logit block and its fp32
+    copy never exist; 0: the whole block at once (any model taking num_logits_to_keep).
     """
     L = batch.completion_len
+    if chunk_tokens:
+        def head(hidden, lm_head):  # hidden (R, L + 1, D): the final-normed positions P-1 .. P+L-1
+            return head_logprobs(hidden[:, :-1], lm_head, batch.completion, temperature, vocab_limit, chunk_tokens,
+                                 with_entropy)
+
+        return model(batch.input_ids, attention_mask=batch.attention_mask, num_logits_to_keep=L + 1, head=head)
     logits = model(batch.input_ids, attention_mask=batch.attention_mask, num_logits_to_keep=L + 1)[:, :-1]  # (R, L, V)
     logits = logits[..., :vocab_limit]  # (R, L, V') never an id the tokenizer cannot produce
     logp = token_logprobs(logits, batch.completion, temperature)  # (R, L) fp32
@@ -80,10 +89,11 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entr
 
 @torch.no_grad()
 def batched_logprobs(model, batch: Batch, micro_rows: int, temperature: float = 1.0,
-                     vocab_limit: int | None = None) -> torch.Tensor:
+                     vocab_limit: int | None = None, chunk_tokens: int = 0) -> torch.Tensor:
     """completion_logprobs without gradient, in micro-batches of rows. (R, L)"""
     out = []
     for s in range(0, batch.input_ids.shape[0], micro_rows):
-        lp, _ = completion_logprobs(model, batch.rows(slice(s, s + micro_rows)), temperature, vocab_limit=vocab_limit)
+        lp, _ = completion_logprobs(model, batch.rows(slice(s, s + micro_rows)), temperature, vocab_limit=vocab_limit,
+                                    chunk_tokens=chunk_tokens)
         out.append(lp)
     return torch.cat(out, dim=0)

@@ -30,7 +30,7 @@ def run_stages(cfg, preset=None) -> dict:
             if s in DATA_STAGES and s not in data:
                 print(f"{s}: {files[s]} exists, skipped (delete it or run --stage {s} to redo)")
     if data:
-        d = dist.setup(cfg.device or None)
+        d = dist.setup(cfg.device or None, cfg.fsdp)
         torch.manual_seed(cfg.seed)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         ds, hx = lettingo.dataset(cfg)

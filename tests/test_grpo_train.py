@@ -61,8 +61,33 @@ def test_toy_reward_rises(tmp_path):
         assert torch.isfinite(torch.tensor(last[f"train/{k}"])), k
 
 
+def test_rollout_in_chunks_equals_one_batch(tmp_path):
+    """--rollout-tokens: a rank's prompts are decoded a chunk at a time (here 2 of 4 prompts, G = 8) with the
+    samples of one batch: same seeds, tokens, log-probs and lengths, step after step. The chunk size is a function
+    of the config alone; a budget below one prompt's group is refused."""
+    from rl import distributed as D
+    from rl.grpo_trainer import make_env, rollout, rollout_chunk_prompts
+    from rl.loop import build_models
+
+    base = [*TOY, "--group-size", "8", "--prompts-per-step", "4", "--mini-batch-prompts", "4",
+            "--max-prompt-tokens", "6", "--max-new-tokens", "16", "--run-dir", str(tmp_path)]
+    whole, chunked = cfg_from(base), cfg_from([*base, "--rollout-tokens", str(2 * 8 * (6 + 16) + 7)])
+    assert rollout_chunk_prompts(whole, 4) == 4 and rollout_chunk_prompts(chunked, 4) == 2
+    d = D.Dist()
+    models = build_models(whole, None, d)
+    env = make_env(whole, models, d)
+    for step in (0, 3):
+        (eps_a, out_a), (eps_b, out_b) = rollout(step, whole, models, env, d), rollout(step, chunked, models, env, d)
+        for name in ("tokens", "logprobs", "lengths", "finished"):
+            assert torch.equal(getattr(out_a, name), getattr(out_b, name)), (step, name)
+        assert [e.completions for e in eps_a] == [e.completions for e in eps_b]
+    with pytest.raises(SystemExit):
+        cfg_from([*base, "--rollout-tokens", str(8 * (6 + 16) - 1)])
+
+
 def test_fsdp_two_ranks_equal_one_process(tmp_path):
-    args = [*TOY, "--max-steps", "3", "--save-every", "3"]
+    """Also the lm_head in chunks of 7 positions under FSDP (log-probs inside forward, recomputed in backward)."""
+    args = [*TOY, "--max-steps", "3", "--save-every", "3", "--logprob-chunk-tokens", "7"]
     run_script([*args, "--run-dir", str(tmp_path / "one")])
     run_script([*args, "--run-dir", str(tmp_path / "two")], nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

@@ -107,6 +107,64 @@ def test_completion_logprobs_known_answer_bigram():
     assert close(sequence_logprob(lim, batch.mask)[0], lp3(2, 1) + lp3(1, 1) + lp3(1, 0), 1e-5)
 
 
+STORIES = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+
+
+@pytest.mark.parametrize("dtype,gradient_checkpointing", [(torch.float64, False), (torch.float64, True),
+                                                          (torch.float32, False)])
+def test_chunked_head_logprobs_equal_whole_block_with_gradients(dtype, gradient_checkpointing):
+    """completion_logprobs(chunk_tokens=k): the lm_head a few positions at a time inside forward, each chunk's logits
+    recomputed in the backward. Log-probs, entropies and every parameter's gradient equal the whole-block
+    computation's for chunks that split rows, one per position, and one for all: within 1e-6 with float64
+    weights (the log-probs are float32 either way); in float32 within 1e-5 of the largest value of each tensor
+    (the head's product on fewer rows rounds differently: an ulp of a log-prob of -36 is 4e-6, and a gradient of
+    ~50 sums 36 chunks). With chunks, no tensor saved for the backward is as large as the micro-batch's logit
+    block."""
+    from model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(STORIES, dtype=dtype).train()
+    model.gradient_checkpointing = gradient_checkpointing
+    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (7, 3, 9)]
+    comps = [torch.randint(3, 400, (n,)).tolist() for n in (12, 5, 9)]
+    batch = make_batch(prompts, comps, pad_id=0)
+    R, L = batch.completion.shape
+    V = 400  # below the table's 512 rows
+    weights = torch.randn(R, L)
+
+    def run(chunk):
+        model.zero_grad(set_to_none=True)
+        largest = [0]
+
+        def pack(t):
+            largest[0] = max(largest[0], t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp, ent = completion_logprobs(model, batch, 0.8, with_entropy=True, vocab_limit=V, chunk_tokens=chunk)
+        (logp * weights * batch.mask).sum().backward()
+        return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters()}, largest[0]
+
+    def same(a, b):
+        if dtype == torch.float64:
+            return float((a - b).abs().max()) <= 1e-6
+        return float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+    logp, ent, grads, largest = run(0)
+    assert largest >= R * L * V  # the whole block's fp32 copy is kept for the backward
+    for chunk in (5, 1, R * L, 4096):
+        c_logp, c_ent, c_grads, c_largest = run(chunk)
+        assert not c_ent.requires_grad
+        assert same(c_logp, logp) and same(c_ent, ent), chunk
+        for name, g in grads.items():
+            assert same(c_grads[name], g), (chunk, name)
+        if chunk < R * L:
+            assert c_largest < R * L * V, chunk
+    with torch.no_grad():  # the no-grad path (old and reference log-probs) chunks without recomputation
+        no_grad = completion_logprobs(model, batch, 0.8, vocab_limit=V, chunk_tokens=5)[0]
+    assert same(no_grad, logp)
+
+
 # ---------------------------------------------------------------- GRPO
 
 

@@ -169,6 +169,39 @@ def test_group_sampling_equals_each_row_alone(stories):
     assert torch.equal(again.tokens, group.tokens) and not torch.equal(other.tokens, group.tokens)
 
 
+def test_chunked_sampling_equals_one_batch(stories):
+    """chunk_prompts decodes a few prompts at a time with the one batch's prefill, padding and seeds: tokens,
+    log-probs, lengths and finished flags are bitwise those of one batch, also when the chunks stop after
+    different numbers of steps (rows end at the first '.'). G = 8 rows a prompt, as in DUET: the CPU's
+    elementwise kernels finish a tensor's last 32 floats with scalar code (another exp), so a chunk ending inside
+    a vector of stories260K's 172-wide MLP would round differently; real models' widths are multiples of 32.
+    One thread: several split a product's columns by their count, which rounds differently too."""
+    model, tok = stories
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_chunked_sampling(model, tok)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_chunked_sampling(model, tok):
+    prompts = [tok.encode(t) for t in TEXTS + ["One day"]]
+    kw = dict(temperature=1.0, top_p=0.9, n=8, eos_ids=tok.eos_ids + [426], pad_id=tok.pad_token_id, seed=5)
+    one = generate(model, prompts, 40, **kw)
+    lengths = one.lengths.view(len(prompts), 8).max(1).values
+    assert len(set(lengths.tolist())) > 1  # the chunks run different numbers of decode steps
+    for chunk in (1, 2, 3, 5):
+        part = generate(model, prompts, 40, chunk_prompts=chunk, **kw)
+        for name in ("tokens", "logprobs", "lengths", "finished", "prompt_lens"):
+            assert torch.equal(getattr(part, name), getattr(one, name)), (chunk, name)
+    greedy = dict(temperature=0.0, eos_ids=tok.eos_ids + [426], pad_id=tok.pad_token_id)
+    assert torch.equal(generate(model, prompts, 20, chunk_prompts=2, **greedy).tokens,
+                       generate(model, prompts, 20, **greedy).tokens)
+    with pytest.raises(ValueError, match="chunk_prompts"):
+        generate(model, prompts, 4, chunk_prompts=-1)
+
+
 def test_min_new_tokens_holds_back_eos(stories):
     model, tok = stories
     prompts = [tok.encode(t) for t in TEXTS[:2]]
@@ -210,7 +243,10 @@ def _fsdp_worker(rank, world, init_file, out_dir):
     out = generate(model, prompts, 12, **kw)
     alone = generate(plain, prompts, 12, sync_ranks=False, **kw)
     L = int(alone.lengths.max())
-    res = dict(calls=len(calls), lengths=out.lengths.tolist(), alone_lengths=alone.lengths.tolist(),
+    one_batch_calls = len(calls)
+    chunked = generate(model, prompts, 12, chunk_prompts=1, **kw)  # two chunks, each of 12 synchronised steps
+    res = dict(calls=one_batch_calls, chunked_calls=len(calls) - one_batch_calls, lengths=out.lengths.tolist(),
+               alone_lengths=alone.lengths.tolist(), chunked_same=torch.equal(chunked.tokens, out.tokens),
                same=torch.equal(out.tokens[:, :L], alone.tokens) and bool((out.tokens[:, L:] == 0).all()))
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
@@ -227,6 +263,8 @@ def test_fsdp_ranks_run_the_same_number_of_steps(tmp_path):
             pytest.fail("FSDP sampling hung")
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert r0["calls"] == r1["calls"] == 12  # one prefill + 11 decode steps on both ranks
+    assert r0["chunked_calls"] == r1["chunked_calls"] == 1 + 2 * 11  # one prefill, two chunks of 11 steps
+    assert r0["chunked_same"] and r1["chunked_same"]
     assert r0["lengths"] == [1, 1, 1, 1] and r1["lengths"] == [12, 12, 12, 12]
     assert r0["same"] and r1["same"]  # sharded results equal the unsharded model's
     assert r0["alone_lengths"] == [1, 1, 1, 1]
