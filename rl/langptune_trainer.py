@@ -108,11 +108,11 @@ class LangPTuneConfig(loop.RunConfig):
 
 
 PRESETS = {
-    # offline, synthetic catalogue, SmolLM2-135M-Instruct as writer and embedding model: one iteration in about
-    # ten minutes on two cores
-    "cpu-demo": dict(iterations=1, targets=32, rec_steps=16, writer_steps=6, prompts_per_step=4, rec_batch=8,
-                     embed_tokens=96, max_new_tokens=48, user_history=12, review_chars=60, lr=1e-5, rec_lr=1e-4,
-                     val_examples=32, save_every=1, val_every=1),
+    # offline, synthetic catalogue, SmolLM2-135M-Instruct as writer and embedding model, small enough to watch one
+    # iteration on a CPU (prompts of a few hundred tokens, a handful of updates of each model)
+    "cpu-demo": dict(iterations=1, targets=16, rec_steps=8, writer_steps=4, prompts_per_step=4, rec_batch=8,
+                     embed_tokens=64, max_new_tokens=32, user_history=6, review_chars=40, lr=1e-5, rec_lr=1e-4,
+                     val_examples=16, save_every=1, val_every=1),
     # the public code's hyper-parameters (Llama-3-8B with its top 4 blocks trained; mxbai-embed-large there)
     "langptune-paper": dict(model="meta-llama/Llama-3.1-8B-Instruct", iterations=5, rec_steps=2500,
                             writer_steps=500, lr=3e-7, rec_lr=3e-7, eta=1.0, kl_coef=0.0, max_new_tokens=512,
