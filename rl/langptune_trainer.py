@@ -55,12 +55,13 @@ class LangPTuneConfig(loop.RunConfig):
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "profile writer (and its reference)"})
     rec_model: str = field(default="", metadata={"help": "the recommender's model; empty: the writer's model"})
     rec_kind: str = field(default="retrieval", metadata={"help": "retrieval (InfoNCE) | rating (expected rating)"})
-    recommender: str = "reference"  # unused: the recommender here is trained (kept for the shared model builder)
+    recommender: str = field(default="reference", metadata={
+        "help": "unused here (the trained recommender is --rec-model); kept for the shared model builder"})
     data: str = field(default="", metadata={"help": "canonical dataset dir; empty: the synthetic default"})
     run_dir: str = "runs/langptune"
-    iterations: int = 1
-    rec_steps: int = 40
-    writer_steps: int = 10
+    iterations: int = field(default=1, metadata={"help": "alternations of profiles -> recommender -> writer"})
+    rec_steps: int = field(default=40, metadata={"help": "recommender updates per iteration"})
+    writer_steps: int = field(default=10, metadata={"help": "writer updates per iteration (--max-steps is unused)"})
     # targets and profiles
     targets: int = field(default=48, metadata={"help": "training targets (one per user, its last liked item)"})
     min_rating: int = 4
