@@ -7,6 +7,10 @@ titles alone. Both then rank the whole catalogue for the same valid-split next i
 excluded); the per-example difference (a) - (b) of NDCG@10 and MRR, with its paired standard error, is the room
 a profile writer has with this recommender. A trained writer's profiles should land between the two.
 
+Two references without a language model, on the same targets: "keywords" ranks items by the oracle taste's liked
+attributes found in the item text, minus 4 x its disliked ones (ties broken at random): about what a perfect
+reader of the oracle profile could reach; "random" ranks at random.
+
     python scripts/retrieval_headroom.py                                  # SmolLM2-135M-Instruct, defaults
     python scripts/retrieval_headroom.py --steps 24 --batch 8 --eval 96 --history 5 --item-text title
 
@@ -38,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--history", type=int, default=10, help="recent titles in the user text")
     p.add_argument("--item-text", choices=("full", "title"), default="full")
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--min-rating", type=int, default=4, help="a next item is an interaction rated at least this")
     p.add_argument("--eval", type=int, default=128, help="valid-split next items ranked (a seeded sample)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -90,6 +95,38 @@ def train(emb, user_texts, item_texts, item_ids, a) -> list[float]:
     return losses
 
 
+def summary(ranks, k: int) -> dict:
+    """(M,) ranks -> {metric: per-example values}."""
+    from eval.retrieval import mrr, ndcg_at_k, recall_at_k
+
+    return {f"ndcg@{k}": ndcg_at_k(ranks, k).tolist(), "mrr": mrr(ranks).tolist(),
+            f"recall@{k}": recall_at_k(ranks, k).tolist()}
+
+
+def reference_ranks(ds, targets, index_ids, texts, seed: int):
+    """{"keywords", "random"} -> (M,) ranks of the targets without a model (see the module docstring)."""
+    import torch
+
+    from eval.retrieval import history_items, target_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    lower = [t.lower() for t in texts]
+    rows = []
+    for x in targets:
+        taste = ds.oracle_taste.get(x.user_id, {})
+        liked, disliked = taste.get("liked", []), taste.get("disliked", [])
+        rows.append([sum(w in t for w in liked) - 4 * sum(w in t for w in disliked) for t in lower])
+    keyword = torch.tensor(rows, dtype=torch.float32)  # (M, N)
+    pos = {i: n for n, i in enumerate(index_ids)}
+    targets_pos = torch.tensor([pos[x.item_id] for x in targets])
+    exclude = torch.zeros(keyword.shape, dtype=torch.bool)
+    for b, x in enumerate(targets):
+        exclude[b, [pos[i] for i in history_items(ds, x.user_id, x.timestamp)]] = True
+    jitter = 1e-3 * torch.rand(keyword.shape, generator=g)  # random order among equal keyword counts
+    return {"keywords": target_ranks(keyword + jitter, targets_pos, exclude),
+            "random": target_ranks(torch.rand(keyword.shape, generator=g), targets_pos, exclude)}
+
+
 def paired(a: list[float], b: list[float]) -> dict:
     """Per-example d = a - b: means, mean difference and its standard error std(d, ddof=1) / sqrt(n)."""
     n = len(a)
@@ -105,7 +142,7 @@ def main(argv=None):
 
     from data import load_dataset
     from data.default import default_dataset_dir
-    from eval.retrieval import ItemIndex, item_text, mrr, ndcg_at_k, next_item_targets, recall_at_k, retrieval_ranks
+    from eval.retrieval import ItemIndex, item_text, next_item_targets, retrieval_ranks
 
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -113,14 +150,21 @@ def main(argv=None):
     if not ds.oracle:
         raise SystemExit("the dataset has no oracle profiles (oracle_profiles.jsonl): use the synthetic data")
     rng = random.Random(a.seed)
-    train_targets = rng.sample(next_item_targets(ds, "train"), a.steps * a.batch)
-    valid = next_item_targets(ds, "valid")
+    train_targets = rng.sample(next_item_targets(ds, "train", a.min_rating), a.steps * a.batch)
+    valid = next_item_targets(ds, "valid", a.min_rating)
     eval_targets = sorted(rng.sample(valid, min(a.eval, len(valid))), key=lambda x: x.timestamp)
     show = (lambda i: i.title) if a.item_text == "title" else item_text  # noqa: E731
     item_ids = [x.item_id for x in train_targets]
     item_texts = [show(ds.items[i]) for i in item_ids]
-    metrics, out = {}, {"model": a.model, "steps": a.steps, "batch": a.batch, "lr": a.lr, "n_eval": len(eval_targets),
-                        "trainable_layers": a.trainable_layers, "history": a.history, "item_text": a.item_text}
+    out = {"model": a.model, "steps": a.steps, "batch": a.batch, "lr": a.lr, "temperature": a.temperature,
+           "n_eval": len(eval_targets), "min_rating": a.min_rating, "trainable_layers": a.trainable_layers,
+           "history": a.history, "item_text": a.item_text, "catalogue": len(ds.items)}
+    ids = sorted(ds.items)
+    metrics = {}
+    for name, ranks in reference_ranks(ds, eval_targets, ids, [item_text(ds.items[i]) for i in ids], a.seed).items():
+        metrics[name] = summary(ranks, a.k)
+        out[name] = {m: round(sum(v) / len(v), 4) for m, v in metrics[name].items()}
+    print(f"references: keywords {out['keywords']}, random {out['random']}", flush=True)
     for cond in CONDITIONS:
         print(f"{cond}: training {a.steps} steps of {a.batch} ({time.time() - t0:.0f} s)", flush=True)
         torch.manual_seed(a.seed)
@@ -128,18 +172,15 @@ def main(argv=None):
         losses = train(emb, texts_of(ds, train_targets, cond, a.history), item_texts, item_ids, a)
         print(f"{cond}: ranking {len(ds.items)} items for {len(eval_targets)} targets ({time.time() - t0:.0f} s)",
               flush=True)
-        ids = sorted(ds.items)
         index = ItemIndex(emb, ids, [show(ds.items[i]) for i in ids])
         ranks = retrieval_ranks(emb, index, ds, eval_targets, texts_of(ds, eval_targets, cond, a.history))
-        metrics[cond] = {f"ndcg@{a.k}": ndcg_at_k(ranks, a.k).tolist(), "mrr": mrr(ranks).tolist(),
-                         f"recall@{a.k}": recall_at_k(ranks, a.k).tolist()}
+        metrics[cond] = summary(ranks, a.k)
         out[cond] = {name: round(sum(v) / len(v), 4) for name, v in metrics[cond].items()}
         out[cond]["first_loss"] = round(sum(losses[:5]) / max(1, len(losses[:5])), 4)
         out[cond]["last_loss"] = round(sum(losses[-5:]) / max(1, len(losses[-5:])), 4)
         print(f"{cond}: {out[cond]}", flush=True)
     for name in metrics["oracle"]:
         out[f"oracle_minus_none_{name}"] = paired(metrics["oracle"][name], metrics["none"][name])
-    out["catalogue"] = len(ds.items)
     out["seconds"] = round(time.time() - t0)
     print(json.dumps(out))
 
