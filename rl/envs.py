@@ -15,6 +15,10 @@ from typing import Protocol
 
 import torch
 
+from data.prompts import DUET_STOP
+
+from .config import must, one_of
+
 
 @dataclass
 class Episode:
@@ -43,6 +47,47 @@ class Env(Protocol):
 
     def validate(self, policy, tokenizer, d) -> dict:
         """Validation metrics (greedy), the same on every rank."""
+
+
+@dataclass
+class EnvConfig:
+    """The task's flags, shared by every trainer that samples from an environment (GRPO, SFT on best-of-N): who
+    writes, who rates, on what data, from which prompt."""
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy (and reference) model source"})
+    recommender: str = field(default="reference", metadata={"help": "'reference' shares the frozen reference"})
+    env: str = field(default="duet", metadata={"help": "duet | toy (token-share reward, for tests)"})
+    data: str = field(default="", metadata={"help": "canonical dataset dir; empty: the synthetic default"})
+    # prompts
+    user_history: int = 30
+    item_history: int = 10
+    review_chars: int = 200
+    max_prompt_tokens: int = 1536
+    max_new_tokens: int = 128
+    response_prefix: str = field(default="", metadata={"help": "opens the answer, e.g. '<user_profile><cue>'"})
+    stop_text: str = field(default=DUET_STOP, metadata={
+        "help": "DUET: a rollout ends once it has written this (nothing may follow it); empty: only at EOS"})
+    format_reward: str = field(default="constant", metadata={
+        "help": "constant: format_failure_reward for any failure (DUET); graded: a failure earns "
+                "format_failure_reward * (1 - share of the 8 tag pairs written), a signal for small models"})
+    format_failure_reward: float = -1.0
+
+    def check(self):
+        for name in ("user_history", "item_history", "review_chars"):
+            must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        for name in ("max_new_tokens", "max_prompt_tokens"):
+            must(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        one_of("env", self.env, ("duet", "toy"))
+        one_of("format_reward", self.format_reward, ("constant", "graded"))
+
+
+def make_env(cfg, models, d) -> Env:
+    """The environment a config names: DUET on the dataset, or the toy token-share task."""
+    if cfg.env == "toy":
+        tok = models.tokenizer
+        return TokenShareEnv(tok, target_token=int(tok.encode("the", add_special_tokens=False)[0]))
+    from .duet_env import DuetEnv
+
+    return DuetEnv.from_config(cfg, models.tokenizer, models.rec_model, models.rec_tokenizer, d)
 
 
 class TokenShareEnv:

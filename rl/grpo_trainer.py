@@ -29,46 +29,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data.prompts import DUET_STOP
 from model.sampler import generate, row_seed
 
 from . import distributed as dist
 from . import loop
 from .memory import PhasePeaks
 from .config import must, one_of
-from .envs import Env, Episode
+from .envs import Env, EnvConfig, Episode, make_env
 from .grpo import group_advantages, grpo_loss
 from .rollout import batched_logprobs, completion_logprobs, make_batch
 
 
 @dataclass
-class GRPOConfig(loop.RunConfig):
+class GRPOConfig(loop.RunConfig, EnvConfig):
     """GRPO for DUET profiles. Every field is a flag (--field-name); --preset picks the defaults (the run's
-    own flags, shared with DPO, are in rl/loop.py::RunConfig)."""
-    # what to train, on what
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy (and reference) model source"})
-    recommender: str = field(default="reference", metadata={"help": "'reference' shares the frozen reference"})
-    env: str = field(default="duet", metadata={"help": "duet | toy (token-share reward, for tests)"})
-    data: str = field(default="", metadata={"help": "canonical dataset dir; empty: the synthetic default"})
+    own flags, shared with DPO, are in rl/loop.py::RunConfig; the task's, shared with SFT, in rl/envs.py::EnvConfig)."""
     run_dir: str = "runs/grpo"
-    # prompts
-    user_history: int = 30
-    item_history: int = 10
-    review_chars: int = 200
-    max_prompt_tokens: int = 1536
-    response_prefix: str = field(default="", metadata={"help": "opens the answer, e.g. '<user_profile><cue>'"})
-    stop_text: str = field(default=DUET_STOP, metadata={
-        "help": "DUET: a rollout ends once it has written this (nothing may follow it); empty: only at EOS"})
-    format_reward: str = field(default="constant", metadata={
-        "help": "constant: format_failure_reward for any failure (DUET); graded: a failure earns "
-                "format_failure_reward * (1 - share of the 8 tag pairs written), a signal for small models"})
     # rollout
     prompts_per_step: int = 4
     group_size: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 128
     old_logprobs: str = field(default="recompute", metadata={"help": "recompute | sampler"})
     rollout_tokens: int = field(default=0, metadata={
         "help": "KV-cache budget of the rollout, in token slots: a rank's prompts are decoded in chunks of k prompts, "
@@ -88,19 +70,17 @@ class GRPOConfig(loop.RunConfig):
     adv_eps: float = 1e-6
     scale_adv_by_std: bool = True
     loss_agg: str = "token-mean"
-    format_failure_reward: float = -1.0
 
     def check(self):
-        super().check()
+        loop.RunConfig.check(self)
+        EnvConfig.check(self)
         must(self.group_size >= 2, "group_size", "must be >= 2 (a group of one has no baseline: every advantage "
              "would be 0)", self.group_size)
-        for name in ("prompts_per_step", "mini_batch_prompts", "micro_batch_rows", "ppo_epochs", "max_new_tokens",
-                     "max_prompt_tokens"):
+        for name in ("prompts_per_step", "mini_batch_prompts", "micro_batch_rows", "ppo_epochs"):
             must(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         must(self.prompts_per_step % self.mini_batch_prompts == 0, "prompts_per_step",
              f"must be a multiple of --mini-batch-prompts ({self.mini_batch_prompts})", self.prompts_per_step)
-        for name in ("user_history", "item_history", "review_chars", "top_k"):
-            must(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        must(self.top_k >= 0, "top_k", "must be >= 0", self.top_k)
         group_slots = self.group_size * (self.max_prompt_tokens + self.max_new_tokens)
         must(self.rollout_tokens == 0 or self.rollout_tokens >= group_slots, "rollout_tokens",
              f"must be 0 (no budget) or hold one prompt's group, group_size x (max_prompt_tokens + "
@@ -116,8 +96,6 @@ class GRPOConfig(loop.RunConfig):
         must(self.adv_eps > 0, "adv_eps", "must be > 0", self.adv_eps)
         one_of("loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean"))
         one_of("old_logprobs", self.old_logprobs, ("recompute", "sampler"))
-        one_of("env", self.env, ("duet", "toy"))
-        one_of("format_reward", self.format_reward, ("constant", "graded"))
 
 
 PRESETS = {
@@ -136,17 +114,6 @@ PRESETS = {
                        user_history=10, item_history=10, activation_checkpointing=True, save_every=50,
                        val_every=25, val_examples=256),
 }
-
-
-def make_env(cfg: GRPOConfig, models: loop.Models, d: dist.Dist) -> Env:
-    if cfg.env == "toy":
-        from .envs import TokenShareEnv
-
-        tok = models.tokenizer
-        return TokenShareEnv(tok, target_token=int(tok.encode("the", add_special_tokens=False)[0]))
-    from .duet_env import DuetEnv
-
-    return DuetEnv.from_config(cfg, models.tokenizer, models.rec_model, models.rec_tokenizer, d)
 
 
 def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) -> dict:

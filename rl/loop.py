@@ -51,6 +51,9 @@ class RunConfig:
     lora_rank: int = field(default=0, metadata={"help": "LoRA adapters of this rank on the policy; 0: full weights"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha (the update is alpha / rank * BA)"})
     lora_dropout: float = 0.0
+    init_adapter: str = field(default="", metadata={
+        "help": "with --lora-rank: train this LoRA adapter (PEFT layout, e.g. an SFT run's checkpoints/step_N/adapter) "
+                "on, not fresh adapters; its own rank, alpha and targets apply. The reference stays --model"})
     lora_targets: list = field(default_factory=lambda: list(PROJECTIONS), metadata={
         "help": "projections that get adapters (default: every attention and MLP projection)"})
     trainable_layers: int = field(default=0, metadata={
@@ -78,6 +81,8 @@ class RunConfig:
         for t in self.lora_targets:
             one_of("lora_targets", t, PROJECTIONS)
         must(self.trainable_layers >= 0, "trainable_layers", "must be >= 0 (0: all)", self.trainable_layers)
+        must(not self.init_adapter or self.lora_rank > 0, "init_adapter", "needs --lora-rank (any value > 0)",
+             self.init_adapter)
         must(not (self.lora_rank and self.trainable_layers), "trainable_layers",
              "cannot be combined with --lora-rank (use one or the other)", self.trainable_layers)
 
@@ -151,8 +156,8 @@ def build_models(cfg, resume_from: Path | None, d: dist.Dist) -> Models:
     lora = bool(cfg.lora_rank)
     start_from = cfg.model if lora or not resume_from else str(resume_from / "model")
     policy = load_model(start_from, dtype=torch.float32, device=d.device)
-    if lora and resume_from:
-        load_adapter(policy, resume_from / "adapter")
+    if lora and (resume_from or cfg.init_adapter):
+        load_adapter(policy, resume_from / "adapter" if resume_from else cfg.init_adapter)
     elif lora:
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
     elif cfg.trainable_layers:
