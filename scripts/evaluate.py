@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="evaluate a fixed random subset of this many examples (seed 0)")
     p.add_argument("--profile-history", type=int, default=30,
                    help="user interactions shown to the profile writer (paper Table 3: 30, 50, 70)")
+    p.add_argument("--item-history", type=int, default=10,
+                   help="other users' reviews of the item shown to a DUET writer (the trainers' --item-history)")
     p.add_argument("--review-chars", type=int, default=200,
                    help="characters of each review shown to the profile writer (the trainers' --review-chars)")
     p.add_argument("--rec-history", type=int, default=10, help="recent interactions shown to the recommender")
@@ -149,8 +151,8 @@ def main(argv=None):
             weights = sha256_text(weights + weights_hash(a.adapter))
         cache = ProfileCache(a.cache, a.method, weights)
     kw = dict(recommender=rec, generator=gen, gen_tok=gen_tok, cache=cache, hist=HistoryIndex(ds),
-              rec_history=a.rec_history, profile_history=a.profile_history, max_new_tokens=a.max_new_tokens,
-              review_chars=a.review_chars, gen_batch_size=a.gen_batch_size, prefix=a.response_prefix)
+              rec_history=a.rec_history, profile_history=a.profile_history, item_history=a.item_history,
+              max_new_tokens=a.max_new_tokens, review_chars=a.review_chars, gen_batch_size=a.gen_batch_size, prefix=a.response_prefix)
     metrics, rows = evaluate_method(a.method, examples, ds, **kw)
     if a.negatives:
         _, neg_rows = evaluate_method(a.method, negative_examples(ds, examples, a.negatives), ds,
@@ -159,7 +161,7 @@ def main(argv=None):
     name = a.name or a.method
     metrics.update(name=name, method=a.method, data=str(a.data), split=a.split, limit=a.limit,
                    generator=a.generator, recommender=a.recommender, profile_history=a.profile_history,
-                   review_chars=a.review_chars, rec_history=a.rec_history, max_new_tokens=a.max_new_tokens,
+                   item_history=a.item_history, adapter=a.adapter, review_chars=a.review_chars, rec_history=a.rec_history, max_new_tokens=a.max_new_tokens,
                    seconds=round(time.time() - t0, 1))
     if a.out:
         write_results(Path(a.out), metrics, rows)
