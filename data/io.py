@@ -136,14 +136,19 @@ def atomic_dir(out, overwrite=False):
 
 
 def write_text_atomic(path, text: str):
-    """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader sees
+    """Write `text` (UTF-8) atomically, as write_bytes_atomic."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data: bytes):
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader sees
     the old file or the new one, never half of one. The one file writer of the project's outputs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

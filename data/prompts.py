@@ -4,6 +4,8 @@
   the user's history, the item's reviews by other users, both averages; the answer is, for the user and then for
   the item, a cue, a self-constructed prompt and a profile, in the tags of the DUET paper's code. `parse_duet` is its
   strict parser.
+- `duet_profile_messages`: the DUET paper's "+Profile" ablation (Table 2): the same data, the answer only the user's
+  and the item's profile, without cue and constructed prompt (`parse_duet_profile`).
 - `kar_messages`, `palr_messages`, `rlmrec_messages`, `lg_messages`: the zero-shot user-profile prompts of the
   paper's appendix A.2 (written there for Yelp "businesses"; here the word is "item"). RLMRec answers in JSON
   (`parse_rlmrec`).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
-PROFILE_METHODS = ("kar", "palr", "rlmrec", "lg", "duet")  # methods whose profiles an LLM writes
+PROFILE_METHODS = ("kar", "palr", "rlmrec", "lg", "duet", "duet-profile")  # methods whose profiles an LLM writes
 
 
 # ---------------------------------------------------------------------------------------------------- histories
@@ -59,16 +61,31 @@ def _user(content: str) -> list[dict]:
 DUET_TAGS = ("cue", "constructed_prompt", "profile")
 DUET_STOP = "</item_profile>"  # generation stops here: the parser fails any text after it
 
+# the one-shot example's two profiles, shared by the DUET and the +Profile example
+_EXAMPLE_USER_PROFILE = ("A user who values strategic thinking and nostalgic aesthetics; rates classic puzzle titles "
+                         "5 and gives low ratings to fast action games.")
+_EXAMPLE_ITEM_PROFILE = ("Light trail shoes praised for comfort; runners on a budget rate them highly, heavy hikers "
+                         "do not.")
 _DUET_EXAMPLE = (
     "<user_profile><cue>prefers retro puzzle games</cue>"
     "<constructed_prompt>Describe the user's taste in challenge and nostalgia, and how generously they rate."
     "</constructed_prompt>"
-    "<profile>A user who values strategic thinking and nostalgic aesthetics; rates classic puzzle titles 5 and "
-    "gives low ratings to fast action games.</profile></user_profile>\n"
+    f"<profile>{_EXAMPLE_USER_PROFILE}</profile></user_profile>\n"
     "<item_profile><cue>lightweight trail-running shoes</cue>"
     "<constructed_prompt>Describe the item's main features and which users like or dislike it.</constructed_prompt>"
-    "<profile>Light trail shoes praised for comfort; runners on a budget rate them highly, heavy hikers do not."
-    "</profile></item_profile>")
+    f"<profile>{_EXAMPLE_ITEM_PROFILE}</profile></item_profile>")
+_DUET_PROFILE_EXAMPLE = (f"<user_profile>{_EXAMPLE_USER_PROFILE}</user_profile>\n"
+                         f"<item_profile>{_EXAMPLE_ITEM_PROFILE}</item_profile>")
+
+
+def _pair_data(user_hist, item_hist, user_avg, item_avg, item_title: str, with_reviews: bool) -> str:
+    """The data of a (user, item) pair as the DUET prompts show it: the user's history and average, the item's
+    reviews by other users and its average."""
+    return (f"USER HISTORY (oldest first):\n{format_user_history(user_hist, with_reviews)}\n"
+            f"User average rating: {_fmt_avg(user_avg)}\n\n"
+            f'ITEM: "{_clean(item_title)}"\n'
+            f"REVIEWS OF THE ITEM BY OTHER USERS (oldest first):\n{format_item_history(item_hist)}\n"
+            f"Item average rating: {_fmt_avg(item_avg)}\n\n")
 
 
 def duet_messages(user_hist, item_hist, user_avg, item_avg, item_title: str, with_reviews: bool = True):
@@ -79,13 +96,23 @@ def duet_messages(user_hist, item_hist, user_avg, item_avg, item_title: str, wit
         "For each: a cue (one short phrase capturing the main tendency, no full sentence), a constructed prompt "
         "(one instruction saying what the profile should describe), then the profile (1-3 sentences following "
         "that instruction).\n\n"
-        f"USER HISTORY (oldest first):\n{format_user_history(user_hist, with_reviews)}\n"
-        f"User average rating: {_fmt_avg(user_avg)}\n\n"
-        f'ITEM: "{_clean(item_title)}"\n'
-        f"REVIEWS OF THE ITEM BY OTHER USERS (oldest first):\n{format_item_history(item_hist)}\n"
-        f"Item average rating: {_fmt_avg(item_avg)}\n\n"
+        f"{_pair_data(user_hist, item_hist, user_avg, item_avg, item_title, with_reviews)}"
         "Answer with exactly these tags and nothing else. Example of the format:\n"
         f"{_DUET_EXAMPLE}")
+
+
+def duet_profile_messages(user_hist, item_hist, user_avg, item_avg, item_title: str, with_reviews: bool = True):
+    """The DUET paper's "+Profile" ablation (Table 2): the data of duet_messages, the answer the two profiles
+    alone, with no cue and no constructed prompt, closed by a one-shot example of that format."""
+    return _user(
+        "From the data below, write a profile of the USER and a profile of the ITEM for a rating predictor.\n"
+        "Each profile is 1-3 sentences.\n\n"
+        f"{_pair_data(user_hist, item_hist, user_avg, item_avg, item_title, with_reviews)}"
+        "Answer with exactly these tags and nothing else. Example of the format:\n"
+        f"{_DUET_PROFILE_EXAMPLE}")
+
+
+PAIR_PROMPTS = {"duet": duet_messages, "duet-profile": duet_profile_messages}  # a user and an item profile per pair
 
 
 class ParsedProfiles(NamedTuple):
@@ -128,7 +155,7 @@ def _leaf(text: str, pos: int, tag: str, where: str) -> tuple[str, int]:
     content, pos = _block(text, pos, tag, where)
     for t in _ALL_TAGS:
         if f"<{t}>" in content or f"</{t}>" in content:
-            raise FormatError(f"unclosed <{tag}> {where} (a <{t}> tag inside it)")
+            raise FormatError(f"unclosed <{tag}> {where}".rstrip() + f" (a <{t}> tag inside it)")
     return content.strip(), pos
 
 
@@ -169,6 +196,27 @@ def parse_duet(text: str) -> tuple[ParsedProfiles | None, str]:
     except FormatError as e:
         return None, str(e)
     return ParsedProfiles(*u, *i), "ok"
+
+
+def parse_duet_profile(text: str) -> tuple[tuple[str, str] | None, str]:
+    """Strict parse of a "+Profile" answer -> ((user_profile, item_profile), "ok") or (None, reason).
+
+    Accepted: `<user_profile>..</user_profile>` then `<item_profile>..</item_profile>`, with any whitespace between
+    the tags and around the contents. Rejected: text before the first tag, a missing or unclosed tag, a tag inside
+    a profile (the DUET fields included), an empty profile, any text after </item_profile>."""
+    try:
+        profiles, pos = [], 0
+        for side in ("user_profile", "item_profile"):
+            v, pos = _leaf(text, pos, side, "")
+            if not v:
+                raise FormatError(f"empty {side}")
+            profiles.append(v)
+        rest = text[pos:].strip()
+        if rest:
+            raise FormatError(f"trailing text after </item_profile>: {rest[:30]!r}")
+    except FormatError as e:
+        return None, str(e)
+    return tuple(profiles), "ok"
 
 
 # ---------------------------------------------------------------------------------------------------- baselines

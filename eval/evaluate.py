@@ -11,10 +11,11 @@ Methods
 - kar, palr, rlmrec, lg: a zero-shot user profile written by the generator (paper appendix A.2) from the user's
   last `profile_history` interactions before the target, then the recommender with that profile;
 - duet: one generation writes the user and the item profile for the (user, item) pair (data/prompts.py);
+- duet-profile: the same without cue and constructed prompt, the two profiles alone (DUET's "+Profile" ablation);
 - oracle: the synthetic data's hidden taste applied to the target item, as the user profile (the upper bound
   of a profile written for the pair: data/synthetic.py::oracle_pair_profile).
 
-A generation that fails its parser (DUET tags, RLMRec JSON, an empty answer) is a format failure: counted in
+A generation that fails its parser (DUET or +Profile tags, RLMRec JSON, an empty answer) is a format failure: counted in
 `format_failures`, written to predictions.jsonl with its reason, and left out of MAE/RMSE/Acc/F1.
 """
 from __future__ import annotations
@@ -28,12 +29,12 @@ from data.history import HistoryIndex
 from data.prompts import cut_after
 from eval.metrics import ranking_metrics, rating_metrics
 from eval.profile_cache import ProfileCache, prompt_key
-from eval.profiles import (RECENT, HistoryOptions, encode_prompt, parse_profile, profile_messages, profile_metrics,
-                           rec_example, style_prefix, style_stop_texts, write_profiles)
+from eval.profiles import (PAIR_STYLES, RECENT, HistoryOptions, encode_prompt, parse_profile, profile_messages,
+                           profile_metrics, rec_example, style_prefix, style_stop_texts, write_profiles)
 from eval.recommender import Recommender
 
 CLASSIC = ("global-mean", "user-mean", "item-mean", "mf")
-LLM_METHODS = ("10h", "kar", "palr", "rlmrec", "lg", "lg-rating", "duet", "oracle")
+LLM_METHODS = ("10h", "kar", "palr", "rlmrec", "lg", "lg-rating", "duet", "duet-profile", "oracle")
 METHODS = CLASSIC + LLM_METHODS
 
 
@@ -113,7 +114,7 @@ def cached_profiles(method: str, examples, ds, hist: HistoryIndex, generator, ge
     stop = style_stop_texts(method)
     prompts = [encode_prompt(gen_tok, profile_messages(method, hist, ds, e, opts), max_prompt_tokens, prefix)
                for e in examples]
-    item_of = (lambda e: e.item_id) if method == "duet" else (lambda e: "")  # baselines profile the user alone
+    item_of = (lambda e: e.item_id) if method in PAIR_STYLES else (lambda e: "")  # baselines profile the user alone
     keys = [prompt_key(p) for p in prompts]
     known = {k: cache.get(e.user_id, item_of(e), k) for e, k in zip(examples, keys)} if cache else {}
     todo = sorted({k: p for k, p in zip(keys, prompts) if known.get(k) is None}.items(), key=lambda kp: -len(kp[1]))

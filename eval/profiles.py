@@ -11,21 +11,23 @@ and scored on the same tokens everywhere.
 
 A target is anything with user_id, item_id and timestamp (a dataset interaction, an evaluation example).
 A "style" is how the writer is prompted and its answer parsed: "duet" (joint user/item profile with cue and
-constructed prompt) or a single user profile of the DUET paper's appendix A.2 ("kar", "palr", "rlmrec", "lg"),
-or LettinGo's "lg-rating", whose answer opens with "Usually rates ".
+constructed prompt), "duet-profile" (the joint profiles alone, DUET's "+Profile" ablation), a single user profile
+of the DUET paper's appendix A.2 ("kar", "palr", "rlmrec", "lg"), or LettinGo's "lg-rating", whose answer opens
+with "Usually rates ".
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from data.prompts import (DUET_STOP, PARSERS, PROFILE_PROMPTS, RESPONSE_PREFIXES, cut_after, duet_messages,
-                          parse_duet)
+from data.prompts import (DUET_STOP, PAIR_PROMPTS, PARSERS, PROFILE_PROMPTS, RESPONSE_PREFIXES, cut_after,
+                          parse_duet, parse_duet_profile)
 from eval.metrics import paired_mae_difference, rating_metrics
 from eval.recommender import RecExample
 
 RECENT = 10  # the recommender sees the user's ten most recent interactions (DUET, paper section 3.1)
-STYLES = ("duet",) + tuple(PROFILE_PROMPTS)
+PAIR_STYLES = tuple(PAIR_PROMPTS)  # a user and an item profile for the (user, item) pair, in one answer
+STYLES = PAIR_STYLES + tuple(PROFILE_PROMPTS)
 
 
 @dataclass
@@ -44,11 +46,11 @@ def item_title(ds, item_id: str) -> str:
 def profile_messages(style: str, hx, ds, target, hist: HistoryOptions) -> list[dict]:
     """The writer's chat messages for a target; only interactions strictly before target.timestamp are used."""
     uh = hx.user_history(target.user_id, target.timestamp, hist.user_history, review_chars=hist.review_chars)
-    if style == "duet":
+    if style in PAIR_STYLES:
         ih = hx.item_history(target.item_id, target.timestamp, hist.item_history, exclude_user=target.user_id,
                              review_chars=hist.review_chars)
-        return duet_messages(uh, ih, hx.user_average(target.user_id, target.timestamp),
-                             hx.item_average(target.item_id, target.timestamp), item_title(ds, target.item_id))
+        return PAIR_PROMPTS[style](uh, ih, hx.user_average(target.user_id, target.timestamp),
+                                   hx.item_average(target.item_id, target.timestamp), item_title(ds, target.item_id))
     if style not in PROFILE_PROMPTS:
         raise ValueError(f"unknown profile style {style!r}: {', '.join(STYLES)}")
     return PROFILE_PROMPTS[style](uh)
@@ -60,8 +62,8 @@ def style_prefix(style: str) -> str:
 
 
 def style_stop_texts(style: str) -> tuple[str, ...]:
-    """DUET's answer ends at </item_profile>: the strict parser fails any text after it."""
-    return (DUET_STOP,) if style == "duet" else ()
+    """A pair style's answer (DUET, +Profile) ends at </item_profile>: the strict parser fails any text after it."""
+    return (DUET_STOP,) if style in PAIR_STYLES else ()
 
 
 def encode_prompt(tokenizer, messages: list[dict], max_tokens: int, prefix: str = "") -> list[int]:
@@ -112,6 +114,8 @@ def parse_profile(style: str, text: str):
     if style == "duet":
         parsed, reason = parse_duet(text)
         return (None, reason) if parsed is None else ((parsed.user_profile, parsed.item_profile), reason)
+    if style == "duet-profile":
+        return parse_duet_profile(text)
     profile, reason = PARSERS[style](text)
     return (None, reason) if profile is None else ((profile, None), reason)
 

@@ -383,7 +383,7 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
-    tracker = Tracker(run_dir, enabled=d.is_main)
+    tracker = Tracker(run_dir, enabled=d.is_main, resumed=resume_from is not None)
     end = min(cfg.iterations, start + cfg.stop_after) if cfg.stop_after else cfg.iterations
     last: dict = {}
     for it in range(start, end):

@@ -201,7 +201,7 @@ def start_run(cfg, d: dist.Dist, models: Models, resume_from: Path | None, updat
     start = 0
     if resume_from:
         start = checkpoints.load_training_state(resume_from, models.policy, optimizer, scheduler, d)["step"]
-    tracker = Tracker(run_dir, enabled=d.is_main)
+    tracker = Tracker(run_dir, enabled=d.is_main, resumed=resume_from is not None)
     if preset:
         tracker.text("config", f"preset: {preset}\n\n{dataclasses.asdict(cfg)}", start)
     end = min(cfg.max_steps, start + cfg.stop_after) if cfg.stop_after else cfg.max_steps

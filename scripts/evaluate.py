@@ -26,7 +26,8 @@ from eval.evaluate import (CLASSIC, HEADER, METHODS, build_examples, evaluate_me
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS)
-    p.add_argument("--generator", help="profile writer: model name, directory or .gguf (kar, palr, rlmrec, lg, lg-rating, duet)")
+    p.add_argument("--generator", help="profile writer: model name, directory or .gguf (kar, palr, rlmrec, lg, "
+                                       "lg-rating, duet, duet-profile)")
     p.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout) applied to --generator, e.g. "
                                      "a LoRA run's checkpoints/step_N/adapter")
     p.add_argument("--recommender", help="frozen recommender model (every LLM method)")

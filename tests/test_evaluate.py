@@ -160,6 +160,47 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     assert f'4. "{TITLES["a"]}" - rated 4/5' in rows[2]["prompt"] and f'5. "{TITLES["b"]}" - rated ' in rows[2]["prompt"]
 
 
+def test_duet_profile_like_duet_without_cue_and_prompt(ds_dir, tmp_path, monkeypatch):
+    """duet-profile: the +Profile prompt per (user, item) pair, stopped at </item_profile>, both profiles to the
+    recommender; a failure apart; the cache keyed by the pair, as DUET's."""
+    good = "<user_profile>Likes A.</user_profile>\n<item_profile>A calm album.</item_profile>"
+    answers = iter([good, "<user_profile>Likes A.</user_profile> and more", good + "></"])
+    seen, stops = [], []
+
+    def fake(m, t, prompts, *a, stop_texts=(), **k):
+        seen.extend(prompts)
+        stops.append(tuple(stop_texts))
+        return [next(answers) for _ in prompts]
+
+    ds, ex, rec, (m, rows) = run_with_fake_generator("duet-profile", fake, ds_dir, tmp_path, monkeypatch)
+    tok = load_tokenizer(STORIES)
+    assert all("<user_profile>" in tok.decode(q) and "<cue>" not in tok.decode(q) for q in seen)
+    assert m["format_failures"] == 1 and m["n"] == 2 and set(stops) == {("</item_profile>",)}
+    failed = [r for r in rows if r["prediction"] is None]
+    assert len(failed) == 1 and failed[0]["format"].startswith("missing <item_profile>")
+    ok = [r for r in rows if r["prediction"] is not None]
+    assert all((r["user_profile"], r["item_profile"]) == ("Likes A.", "A calm album.") for r in ok)
+    assert all("(User profile: Likes A.)\n(Target item profile: A calm album.)" in r["prompt"] for r in ok)
+    cached = [json.loads(line) for line in next((tmp_path / "c").rglob("*.jsonl")).read_text().splitlines()]
+    assert sorted((c["user_id"], c["item_id"]) for c in cached) == sorted((e.user_id, e.item_id) for e in ex)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} not found")
+def test_duet_profile_script_with_tiny_models(ds_dir, tmp_path, capsys):
+    """scripts/evaluate.py --method duet-profile end to end, stories260K writing and recommending: a story model
+    writes no tags, so every example is a format failure, predicted as 10H for mae_fallback."""
+    import evaluate as script
+
+    out = tmp_path / "duet-profile"
+    script.main(["--method", "duet-profile", "--generator", str(STORIES), "--recommender", str(STORIES),
+                 "--data", str(ds_dir), "--max-new-tokens", "8", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["method"] == "duet-profile" and met["n"] + met["format_failures"] == 3
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["generated"] is not None and r["format"] for r in rows)
+    assert "| duet-profile |" in capsys.readouterr().out
+
+
 def test_lg_rating_answer_opens_with_its_prefix(ds_dir, tmp_path, monkeypatch):
     """lg-rating: the generator's prompt ends with "Usually rates " and the profile the recommender reads is the
     prefix plus what was written after it."""

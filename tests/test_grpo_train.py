@@ -291,9 +291,26 @@ def test_undefined_metrics_stay_strict_json(tmp_path):
     t.close()
     strict = dict(parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     rows = [json.loads(line, **strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0].pop("time/elapsed_s") >= 0
     assert rows == [{"step": 1, "train/reward_mean": 0.25}]
     assert json.loads(summary_line({"step": 3, "mae": float("nan"), "reward": 1 / 3}), **strict) == \
         {"step": 3, "mae": None, "reward": 0.333333}
+
+
+def test_wall_time_sums_over_resumes(tmp_path):
+    """Every metrics.jsonl row has the run's wall time; a resumed run's clock goes on from the last one logged (a
+    torn last line passed over), a fresh run in the same folder starts again from 0."""
+    from rl.tracking import Tracker
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "time/elapsed_s": 100.0}\n{"step": 3, "time/ela\n')
+    t = Tracker(tmp_path, enabled=True, resumed=True)
+    t.scalars({"kl": 0.5}, step=2, prefix="train/")
+    t.close()
+    t = Tracker(tmp_path, enabled=True)
+    t.scalars({"kl": 0.5}, step=0, prefix="train/")
+    t.close()
+    resumed, fresh = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[-2:]]
+    assert 100.0 <= resumed["time/elapsed_s"] < 110.0 and 0.0 <= fresh["time/elapsed_s"] < 10.0
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

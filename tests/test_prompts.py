@@ -4,8 +4,9 @@ import json
 import pytest
 
 from data.history import HistoryEntry
-from data.prompts import (BASELINE_PROMPTS, ParsedProfiles, duet_messages, format_user_history, parse_duet,
-                          parse_free_text, parse_rlmrec, recommender_prompt)
+from data.prompts import (BASELINE_PROMPTS, ParsedProfiles, duet_messages, duet_profile_messages,
+                          format_user_history, parse_duet, parse_duet_profile, parse_free_text, parse_rlmrec,
+                          recommender_prompt)
 
 GOOD = ("<user_profile><cue>likes jazz</cue><constructed_prompt>Describe genres.</constructed_prompt>"
         "<profile>A jazz fan.</profile></user_profile>"
@@ -52,6 +53,33 @@ def test_parse_duet_rejects_with_reason(text, reason):
     assert why.startswith(reason.split(" (")[0]), why
 
 
+PLAIN = "<user_profile>A jazz fan.</user_profile>\n<item_profile>A calm jazz record.</item_profile>"
+
+
+def test_parse_duet_profile_well_formed():
+    assert parse_duet_profile(PLAIN) == (("A jazz fan.", "A calm jazz record."), "ok")
+    spaced = "\n <user_profile>\n A jazz\nfan. </user_profile>\n\n<item_profile> A calm jazz record.</item_profile>\n "
+    assert parse_duet_profile(spaced) == (("A jazz\nfan.", "A calm jazz record."), "ok")
+
+
+@pytest.mark.parametrize("text, reason", [
+    (PLAIN.split("\n")[0], "missing <item_profile> (found 'end of text')"),
+    (PLAIN.split("\n")[1], "missing <user_profile> (found '<item_profile>A calm jazz reco')"),
+    (PLAIN.replace("</item_profile>", ""), "unclosed <item_profile>"),
+    (PLAIN.replace("</user_profile>", ""), "unclosed <user_profile>"),
+    (PLAIN + " Hope this helps!", "trailing text after </item_profile>: 'Hope this helps!'"),
+    (PLAIN + "\n<item_profile>x</item_profile>",
+     "trailing text after </item_profile>: '<item_profile>x</item_profile>'"),  # one pair, not two
+    ("Sure! " + PLAIN, "missing <user_profile> (found 'Sure! <user_profile>A jazz fan')"),
+    (PLAIN.replace("A jazz fan.", " \n"), "empty user_profile"),
+    (PLAIN.replace("A calm jazz record.", ""), "empty item_profile"),
+    (GOOD, "unclosed <user_profile> (a <cue> tag inside it)"),  # the DUET fields are not this format
+    ("", "missing <user_profile> (found 'end of text')"),
+])
+def test_parse_duet_profile_rejects_with_reason(text, reason):
+    assert parse_duet_profile(text) == (None, reason)
+
+
 def test_parse_rlmrec():
     ok = json.dumps({"summarization": "Calm jazz.", "reasoning": "Rated jazz 5."})
     assert parse_rlmrec(ok) == ("Calm jazz. (Reasoning: Rated jazz 5.)", "ok")
@@ -77,6 +105,14 @@ def test_history_and_prompt_contents():
     for needle in ("Blue Train", "User average rating: 3.5", "Item average rating: unknown", "Giant Steps",
                    "1. rated 4/5 - nice", "<constructed_prompt>"):
         assert needle in m["content"], needle
+    # +Profile: the same data sections, only the two profile tags asked for, in its one-shot example too
+    [p] = duet_profile_messages(H, [HistoryEntry("x", "T", 4, "nice", 5, "u2")], 3.46, None, "Giant Steps")
+    data = m["content"][m["content"].index("USER HISTORY"):m["content"].index("Answer with")]
+    assert data in p["content"] and "Each profile is 1-3 sentences." in p["content"]
+    assert "<cue>" not in p["content"] and "<constructed_prompt>" not in p["content"]
+    example = p["content"].split("Example of the format:\n")[1]
+    assert parse_duet_profile(example)[1] == "ok"
+    assert parse_duet_profile(example)[0] == parse_duet(m["content"].split("Example of the format:\n")[1])[0][2::3]
     for name, fn in BASELINE_PROMPTS.items():
         assert "Kind of Blue" in fn(H)[0]["content"], name
     assert "JSON" in BASELINE_PROMPTS["rlmrec"](H)[0]["content"]
