@@ -183,9 +183,9 @@ def evaluate_method(method: str, examples, ds, *, recommender: Recommender | Non
                "prediction": None if failed[j] else float(expected[j]),
                "probs": None if failed[j] else [round(float(p), 6) for p in probs[j]],
                "prompt": None if failed[j] else texts[j]}
-        if method not in ("10h", "oracle"):
+        if method not in ("10h", "oracle"):  # prediction_fallback: a failed row at its 10H prediction
             row.update(generated=raw[j], format=reasons[j], user_profile=parsed[j] and parsed[j][0],
-                       item_profile=parsed[j] and parsed[j][1])
+                       item_profile=parsed[j] and parsed[j][1], prediction_fallback=float(expected[j]))
         rows.append(row)
     if not with_metrics:
         return None, rows

@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="paired MAE difference B - A over the examples both result folders predicted (format "
                         "failures left out and counted in only_a / only_b), with its standard error; prints one "
                         "JSON line and exits")
+    p.add_argument("--fallback", action="store_true",
+                   help="with --paired: a format failure counts at its fallback prediction (the history alone, as "
+                        "10H; mae_fallback), so every example is compared")
     return p.parse_args(argv)
 
 
@@ -73,9 +76,9 @@ def compare(dirs) -> str:
     return "\n".join(lines)
 
 
-def paired(dir_a, dir_b) -> dict:
+def paired(dir_a, dir_b, fallback: bool = False) -> dict:
     """Paired MAE difference of two result folders over their shared (user, item, rating) examples with a
-    prediction in both."""
+    prediction in both; with `fallback`, a format failure counts at its fallback (10H) prediction."""
     from eval.metrics import paired_mae_difference
 
     def rows(d):
@@ -87,7 +90,7 @@ def paired(dir_a, dir_b) -> dict:
             try:
                 r = json.loads(line)
                 key = (r["user_id"], r["item_id"], r["rating"])
-                pred = r["prediction"]
+                pred = r.get("prediction_fallback", r["prediction"]) if fallback else r["prediction"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise SystemExit(f"{f}, line {n}: not a prediction row ({e})") from None
             if pred is not None:
@@ -114,7 +117,7 @@ def main(argv=None):
         print(compare(a.compare))
         return
     if a.paired:
-        print(json.dumps(paired(*a.paired)))
+        print(json.dumps(paired(*a.paired, fallback=a.fallback)))
         return
     if not a.method or not a.data:
         raise SystemExit("--method and --data are required (or --compare DIR... / --paired A B)")

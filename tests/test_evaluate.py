@@ -150,6 +150,7 @@ def test_duet_failures_apart_and_oracle(ds_dir, tmp_path, monkeypatch):
     _, rows_10h = E.evaluate_method("10h", ex, ds, recommender=rec)
     fb = [r["prediction"] if r["prediction"] is not None else h["prediction"] for r, h in zip(rows, rows_10h)]
     assert m["mae_fallback"] == pytest.approx(np.mean([abs(r["rating"] - f) for r, f in zip(rows, fb)]), abs=1e-5)
+    assert [r["prediction_fallback"] for r in rows] == pytest.approx(fb, abs=1e-5)  # what --paired --fallback reads
 
     m, rows = E.evaluate_method("oracle", ex, ds, recommender=rec)
     # the taste applied to the target: u1 on calm jazz of the 1990s 4.4 + 3 * 0.35 -> 5; u2 on upbeat rock
@@ -237,6 +238,15 @@ def test_paired_difference_by_hand(tmp_path, capsys):
     S.main(["--paired", str(tmp_path / "a"), str(tmp_path / "b")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["diff"] == pytest.approx(1 / 6) and out["n"] == 3 and (out["only_a"], out["only_b"]) == (1, 0)
+    # --fallback: the failure counts at its fallback (history-alone) prediction, here 2.0 for the rating 1
+    rows = [json.loads(x) for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["prediction_fallback"] = 2.0 if r["prediction"] is None else r["prediction"]
+    S.write_results(tmp_path / "b", {}, rows)
+    S.main(["--paired", str(tmp_path / "a"), str(tmp_path / "b"), "--fallback"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the fourth example: |2 - 1| - |4 - 1| = -2; mean of (-0.5, 0, 1, -2) = -0.375
+    assert out["n"] == 4 and out["diff"] == pytest.approx(-0.375) and (out["only_a"], out["only_b"]) == (0, 0)
 
 
 def test_profile_headroom_script(ds_dir, capsys):

@@ -29,4 +29,5 @@ python scripts/train_grpo.py --data $DATA --run-dir $RUNS/grpo "${TASK[@]}" "${L
 ev grpo --method duet --generator $M --adapter $RUNS/grpo/checkpoints/step_$GRPO_STEPS/adapter
 ev zero-shot --method duet --generator $M
 ev sft --method duet --generator $M --adapter $RUNS/sft/checkpoints/step_24/adapter
-for x in zero-shot sft grpo; do python scripts/evaluate.py --paired $OUT/10h $OUT/$x; done
+for x in zero-shot sft grpo; do python scripts/evaluate.py --paired $OUT/10h $OUT/$x --fallback; done
+for x in sft grpo; do python scripts/evaluate.py --paired $OUT/zero-shot $OUT/$x --fallback; done
