@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data.prompts import recommender_prompt
+from model import is_sharded
 
 DIGITS = ("1", "2", "3", "4", "5")
 
@@ -105,7 +106,8 @@ class Recommender:
 
     @torch.no_grad()  # not inference_mode: FSDP2 updates its gathered parameters in place
     def score_prompts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rendered prompts (each ending right before the digit) -> (expected (N,), probs (N, 5))."""
+        """Rendered prompts (each ending right before the digit) -> (expected (N,), probs (N, 5)).
+        With a sharded model every rank must pass the same number of prompts (the same forward calls)."""
         if not texts:
             return torch.zeros(0), torch.zeros(0, 5)
         seqs = self.encode(texts)
@@ -137,9 +139,10 @@ class Recommender:
 
     def shared_prefix_len(self, seqs: Sequence[Sequence[int]]) -> int:
         """Tokens every prompt starts with, short of the shortest prompt (each keeps >= 1 token of its own).
-        Under torch.distributed the minimum over ranks, so every rank runs the same forward calls (FSDP)."""
+        With a sharded model (FSDP) the minimum over ranks, so every rank runs the same forward calls; a full copy
+        on each rank decides alone (its ranks may score different numbers of prompts, or none)."""
         P = max(0, min(len(os.path.commonprefix([list(s) for s in seqs])), min(map(len, seqs)) - 1))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_sharded(self.model):
             t = torch.tensor(P, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             P = int(t)

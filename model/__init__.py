@@ -23,7 +23,7 @@ from .transformer import Transformer
 
 __all__ = ["load_model", "load_tokenizer", "save_model", "resolve_model", "Transformer", "ModelConfig",
            "KVCache", "Tokenizer", "default_dtype", "add_lora", "lora_enabled", "merge_lora", "save_adapter",
-           "load_adapter", "freeze_all_but_top"]
+           "load_adapter", "freeze_all_but_top", "is_sharded"]
 
 
 def resolve_model(name_or_path) -> Path:
@@ -36,6 +36,18 @@ def resolve_model(name_or_path) -> Path:
 def default_dtype(device) -> torch.dtype:
     """float32 on CPU (bf16 matmul is ~300x slower on our CPUs), bfloat16 on CUDA."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def is_sharded(model) -> bool:
+    """Whether the model's weights are split over ranks (FSDP): each forward is then a collective that every rank
+    must run, whereas a full copy on each rank computes alone and needs no agreement with the others."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def load_model(name_or_path, dtype: torch.dtype | None = None, device=None, adapter=None) -> Transformer:

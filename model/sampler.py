@@ -22,7 +22,8 @@ Design
   gives the same tokens (up to float rounding of the logits in a different batch), on any device.
 - Under FSDP every rank must run the same number of forward calls (each gathers the sharded weights
   collectively): each step all-reduces an "any row unfinished" flag, and a rank whose rows have all ended keeps
-  stepping on padding until every rank is done.
+  stepping on padding until every rank is done. A full copy of the model on each rank needs none of this: its
+  ranks may sample different numbers of prompts, or none.
 - Chunks (`chunk_prompts`): the KV cache of B * n rows of P + L slots is the rollout's largest tensor. The B
   prompts are prefilled together once; then a few prompts at a time get their rows' cache (copied from the
   prefill), decode until their rows end and free it. Each chunk keeps the whole batch's layout (P, the mask,
@@ -151,8 +152,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     seed / seeds: row b*n + j draws from the stream row_seed(seed, b, j), or from seeds[b*n + j] when given.
     min_new_tokens: EOS ids cannot be chosen before this many tokens (as transformers' min_new_tokens); with
         min_new_tokens = max_new_tokens every row has exactly max_new_tokens tokens (benchmarks).
-    sync_ranks: all-reduce the stop flag across ranks each step; None = when torch.distributed is initialised.
-        Every rank must call with the same max_new_tokens and the same number of chunks.
+    sync_ranks: all-reduce the stop flag across ranks each step; None = when the model is sharded (FSDP, see
+        model.is_sharded). Every rank must then call with the same max_new_tokens and the same number of chunks.
     chunk_prompts: decode at most this many prompts (x n rows) at a time, 0 = all at once. The prompts are
         prefilled together once (a cache of B x P slots, kept until the last chunk starts); each chunk then
         copies its rows into a cache of its own, chunk x n x (P + max_new_tokens) slots, freed before the next.
@@ -176,8 +177,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         raise ValueError("stop_texts need decode (ids -> text), e.g. tokenizer.decode")
     if seeds is not None and len(seeds) != R:
         raise ValueError(f"seeds has {len(seeds)} entries, expected one per row ({R})")
-    if sync_ranks is None:
-        sync_ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if sync_ranks is None:  # a full copy on each rank runs its own forwards: nothing to agree on
+        from model import is_sharded
+
+        sync_ranks = is_sharded(model)
     dev = model.model.embed_tokens.weight.device
     L = max_new_tokens
 

@@ -10,7 +10,8 @@ For a training user, the last `heldout` train interactions form the evaluation w
 sees interactions strictly before the window's first timestamp. A candidate's score is the recommender's mean
 reward 1 - |y - y_hat| / 4 over the window (or -MAE): the profile that best predicts the user's own ratings wins.
 Each stage writes one JSON-lines file atomically; the next stage reads it. Exploration and scoring are inference
-only: under torchrun each rank takes a share of the users with a full copy of the model, and rank 0 gathers.
+only: under torchrun each rank takes a share of the users (scoring: of the candidates) with a full copy of the
+model, and rank 0 gathers. The gather is the stages' only collective: the shares may differ by one, or be empty.
 """
 from __future__ import annotations
 
@@ -107,8 +108,11 @@ def explore(users, ds, hx, explorer: str, model, tokenizer, styles, temperatures
             prompts = [encode_prompt(tokenizer, profile_messages(style, hx, ds, window_target(u), hist),
                                      max_prompt_tokens, prefix) for u in chunk]
             seeds = [candidate_stream(seed, u["user_id"], style, temp, j) for u in chunk for j in range(n)]
+            # sync_ranks off: each rank holds a full copy of the explorer, and ranks with shares of different
+            # sizes run different numbers of chunks and decode steps, which no collective may pair up
             out = generate(model, prompts, max_new_tokens, temperature=temp, n=n, eos_ids=tokenizer.eos_ids,
-                           pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, seeds=seeds)
+                           pad_id=tokenizer.pad_token_id, vocab_limit=tokenizer.vocab_size, seeds=seeds,
+                           sync_ranks=False)
             for r in range(len(chunk) * n):
                 u = chunk[r // n]
                 text = completion_text(tokenizer, out.tokens[r, :out.lengths[r]].tolist(), prefix)

@@ -3,6 +3,8 @@ ranks equal one process, resume equals an uninterrupted run, and the explore -> 
 import os
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -178,6 +180,58 @@ def test_stages_explore_score_pairs(tiny, tmp_path):
     (tmp_path / "scores.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="scores.jsonl.*score"):
         run_stages(parse_config(DPOConfig, PRESETS, base + ["--stage", "pairs"])[0])
+
+
+def _data_stages_worker(rank, world, init_file, argv):
+    """One rank of the explore and score stages, as scripts/train_dpo.py runs them (a barrier after each)."""
+    import torch.distributed as tdist
+
+    from rl import lettingo
+    from rl.distributed import Dist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                             timeout=timedelta(seconds=60))
+    cfg = parse_config(DPOConfig, PRESETS, argv)[0]
+    d = Dist(rank=rank, world=world, local_rank=rank)
+    ds, hx = lettingo.dataset(cfg)
+    for stage in (lettingo.stage_explore, lettingo.stage_score):
+        stage(cfg, d, ds, hx)
+        tdist.barrier()
+    tdist.destroy_process_group()
+
+
+def test_data_stages_two_ranks_with_uneven_shares(tiny, tmp_path):
+    """One user and one candidate over two ranks: rank 1 has nothing to explore and nothing to score. Each rank
+    holds a full copy of the explorer and the recommender, so neither may wait in a collective the other never
+    runs (sampler steps, the recommender's shared prefix); the candidate and its score are one process's."""
+    import torch.multiprocessing as mp
+
+    from rl import lettingo
+    from rl.distributed import Dist
+
+    model, data = tiny
+    argv = ["--model", str(model), "--explorers", str(model), "--data", str(data), "--users", "1",
+            "--heldout", "2", "--min-history", "3", "--styles", "lg", "--temperatures", "0.8", "--samples", "1",
+            "--user-history", "3", "--review-chars", "30", "--max-new-tokens", "16", "--max-prompt-tokens",
+            "4096", "--device", "cpu"]
+    two = tmp_path / "two"
+    ctx = mp.start_processes(_data_stages_worker, args=(2, str(tmp_path / "init"), [*argv, "--run-dir", str(two)]),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the data stages hung on two ranks")
+    cfg = parse_config(DPOConfig, PRESETS, [*argv, "--run-dir", str(tmp_path / "one")])[0]
+    ds, hx = lettingo.dataset(cfg)
+    lettingo.stage_explore(cfg, Dist(), ds, hx)
+    lettingo.stage_score(cfg, Dist(), ds, hx)
+    (c1, s1), (c2, s2) = ((read_jsonl(run / "candidates.jsonl", "explore"), read_jsonl(run / "scores.jsonl", "score"))
+                          for run in (tmp_path / "one", two))
+    assert len(c1) == len(c2) == len(s1) == len(s2) == 1 and c1[0]["text"] == c2[0]["text"]
+    assert s2[0]["reward"] == pytest.approx(s1[0]["reward"], abs=1e-5)
 
 
 def test_validate_pairs_profiles_against_no_profile(tiny):

@@ -8,6 +8,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import Qwen3Config
 
+from model import is_sharded as model_is_sharded
 from model.config import ModelConfig
 from model.sampler import generate
 from model.transformer import Transformer
@@ -77,3 +78,10 @@ def test_gathered_gives_back_each_modules_reshard_setting():
     with torch.no_grad(), D.gathered(model):
         model(ids)
     assert [D.reshards_after_forward(m) for m in D.fsdp_modules(model)] == [True, True, True]
+
+
+def test_is_sharded_tells_fsdp_from_a_full_copy():
+    """What the sampler's default sync_ranks and the recommender's shared prefix go by: a full copy of the model
+    on a rank of a process group is not sharded, so it runs no collective."""
+    assert not model_is_sharded(tiny_qwen3())
+    assert model_is_sharded(D.fully_shard_model(tiny_qwen3()))
