@@ -82,6 +82,10 @@ def test_gathered_gives_back_each_modules_reshard_setting():
 
 def test_is_sharded_tells_fsdp_from_a_full_copy():
     """What the sampler's default sync_ranks and the recommender's shared prefix go by: a full copy of the model
-    on a rank of a process group is not sharded, so it runs no collective."""
+    on a rank of a process group is not sharded, so it runs no collective; the reference view of a sharded LoRA
+    policy (also the recommender) is."""
+    from model.lora import AdaptersOff, add_lora
+
     assert not model_is_sharded(tiny_qwen3())
     assert model_is_sharded(D.fully_shard_model(tiny_qwen3()))
+    assert model_is_sharded(AdaptersOff(D.fully_shard_model(add_lora(tiny_qwen3(), 2, 4.0))))
