@@ -54,9 +54,14 @@ def test_grpo_lora_trains_adapters_only_and_reference_is_the_base(tmp_path):
     with torch.no_grad():
         assert (tuned(ids) - base(ids)).abs().max() > 1e-4
         assert torch.equal(AdaptersOff(tuned)(ids), base(ids))
-    # only A and B are in the optimizer state (names of trainable parameters)
-    opt = torch.load(ck / "optimizer.pt", weights_only=True)
-    assert len(opt["state"]) == 2 * 7 * 5  # A and B on 7 projections of 5 blocks
+    # only A and B are in the optimizer state (names of trainable parameters), not the frozen base
+    from rl.checkpoints import Reader
+
+    saved = Reader(ck / "train_state").read_metadata().state_dict_metadata
+    exp_avg = [k for k in saved if k.startswith("optimizer.") and k.endswith(".exp_avg")]
+    assert len(exp_avg) == 2 * 7 * 5 and all(".lora_" in k for k in exp_avg)  # A and B on 7 projections of 5 blocks
+    groups = json.loads((ck / "trainer_state.json").read_text())["optimizer_param_groups"]
+    assert sum(len(g["params"]) for g in groups) == 2 * 7 * 5
 
 
 def test_grpo_lora_two_ranks_and_resume(tmp_path):
