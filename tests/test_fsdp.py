@@ -1,6 +1,7 @@
 """FSDP2 on one gloo rank on the CPU: generation under a bf16 mixed-precision policy, and what `gathered()`
 leaves behind. One rank shards nothing, but the code paths (DTensor masters, gathered bf16 copies, reshard
-settings) are those of a multi-GPU run."""
+settings) are those of a multi-GPU run. On two gloo ranks: a model sharded on the meta device, then filled with
+each rank's rows, equals the whole model loaded then sharded."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -111,14 +112,26 @@ def _build_worker(rank, world, init_file, out_dir, sources):
         return real_shard(model, mp_policy)
 
     def fill_spy(param, name, read_rows):
-        real_fill(param, name, lambda a, b: read.append(read_rows(a, b).numel()) or read_rows(a, b))
+        def counted(a, b):
+            rows = read_rows(a, b)
+            read.append(rows.numel())
+            return rows
+
+        real_fill(param, name, counted)
 
     def no_whole_load(*a, **k):
         raise AssertionError("load_model under FSDP")
 
     D.fully_shard_model, D._fill_rows, loop.load_model = shard_spy, fill_spy, no_whole_load
-    fresh = lambda m: (add_lora(m, 4, 8.0, seed=3), initial_adapter_weights(m, 3))[1]  # noqa: E731
-    top = lambda m: (m.requires_grad_(False), m.model.layers[-1].requires_grad_(True), {})[2]  # noqa: E731
+    def fresh(m):  # LoRA adapters; their values drawn again for the model on the meta device
+        add_lora(m, 4, 8.0, seed=3)
+        return initial_adapter_weights(m, 3)
+
+    def top(m):  # the last block trainable
+        m.requires_grad_(False)
+        m.model.layers[-1].requires_grad_(True)
+        return {}
+
     ids = torch.tensor([[1, 403, 260, 365, 300, 7], [1, 9, 8, 7, 6, 5]])
     res = {}
     for source in sources:
