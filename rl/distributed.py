@@ -1,4 +1,5 @@
-"""torchrun / FSDP2 plumbing: process group, sharding, full state dicts, collectives that every rank runs.
+"""torchrun / FSDP2 plumbing: process group, sharding, filling shards from checkpoint files, full state dicts,
+collectives that every rank runs.
 
 One process without torchrun is the same code path with world size 1 and no sharding.
 """
@@ -202,13 +203,6 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optim_state_dict(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optim_state_dict(model, optimizer, state: dict):

@@ -4,9 +4,11 @@ written before train_state/ (optimizer.pt, rng.pt). Several ranks: tests/test_gr
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from model import load_model
 from model.checkpoint import CheckpointError
@@ -82,10 +84,9 @@ def test_checkpoint_written_before_train_state_still_resumes(tmp_path):
     """optimizer.pt (the whole optimizer) and rng.pt, as checkpoints were written before DCP."""
     model, opt, sched = trained()
     out = C.save(tmp_path, 2, model, None, opt, sched, {}, D.Dist())
-    import shutil
-
     shutil.rmtree(out / "train_state")
-    torch.save(D.full_optim_state_dict(model, opt), out / "optimizer.pt")
+    torch.save(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True)),
+               out / "optimizer.pt")
     rng = torch.get_rng_state()
     torch.save({"rank0": {"torch": rng}}, out / "rng.pt")
     state = json.loads((out / "trainer_state.json").read_text())

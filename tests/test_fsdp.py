@@ -132,20 +132,26 @@ def _build_worker(rank, world, init_file, out_dir, sources):
         m.model.layers[-1].requires_grad_(True)
         return {}
 
+    def frozen(m):  # a reference: bf16 weights, bf16 compute
+        m.requires_grad_(False)
+        return {}
+
     ids = torch.tensor([[1, 403, 260, 365, 300, 7], [1, 9, 8, 7, 6, 5]])
     res = {}
     for source in sources:
-        for how, prepare in (("plain", None), ("lora", fresh), ("top", top)):
+        for how, dtype, prepare in (("plain", torch.float32, None), ("lora", torch.float32, fresh),
+                                    ("top", torch.float32, top), ("frozen-bf16", torch.bfloat16, frozen)):
             del on_meta[:], read[:]
-            new = loop.load_on_ranks(source, torch.float32, d, torch.float32, prepare)
-            old = load_model(source, torch.float32)
+            new = loop.load_on_ranks(source, dtype, d, dtype, prepare)
+            old = load_model(source, dtype)
             if prepare:
                 values = prepare(old)
                 old_params = dict(old.named_parameters())
                 with torch.no_grad():
                     for k, v in values.items():
                         assert torch.equal(old_params[k], v)  # the values drawn again are add_lora's own
-            old = real_shard(old)
+            mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+            old = real_shard(old, mp)
             with torch.no_grad():
                 same_logits = torch.equal(new(ids), old(ids))
             a, b = D.full_state_dict(new), D.full_state_dict(old)
@@ -163,10 +169,10 @@ def _build_worker(rank, world, init_file, out_dir, sources):
 
 def test_sharded_build_equals_whole_load_then_shard(tmp_path):
     """Two gloo ranks: the model built on the meta device, sharded, then filled with each rank's rows (stories260K:
-    Llama, tied embeddings; a Qwen3 with uneven shards), plain, with fresh LoRA adapters and with only the top
-    block trainable, gives the same logits, full state dict and trainable parameters as the whole model loaded
-    on each rank then sharded; no rank held the whole model (fully_shard saw only meta tensors, the whole-model
-    loader never ran) and each rank read about half of the weights."""
+    Llama, tied embeddings; a Qwen3 with uneven shards), plain, with fresh LoRA adapters, with only the top block
+    trainable, and frozen in bf16 (a reference), gives the same logits, full state dict and trainable parameters
+    as the whole model loaded on each rank then sharded; no rank held the whole model (fully_shard saw only meta
+    tensors, the whole-model loader never ran) and each rank read about half of the weights."""
     import json
     import time
 
@@ -187,7 +193,7 @@ def test_sharded_build_equals_whole_load_then_shard(tmp_path):
             pytest.fail("sharded build hung")
     for rank in (0, 1):
         res = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert len(res) == 6
+        assert len(res) == 8
         for case, r in res.items():
             assert r["on_meta"] == [True], case
             assert r["same_logits"] and r["keys"] and r["same_state"] and r["same_grad"], (case, r)
