@@ -159,6 +159,8 @@ def _fill_rows(param: torch.Tensor, name: str, read_rows):
         per = -(-param.shape[0] // mesh.size())
         start = min(mesh.get_local_rank() * per, param.shape[0])
         stop = min(start + per, param.shape[0])
+    if local.is_meta:
+        raise RuntimeError(f"{name}: still on the meta device (give the model storage first: model.to_empty)")
     if local.shape[0] != stop - start:  # FSDP cut the tensor otherwise than assumed
         raise RuntimeError(f"{name}: this rank's shard has {local.shape[0]} rows, expected rows {start}..{stop}")
     if stop > start:
