@@ -50,10 +50,13 @@ def build_model(cfg: ModelConfig, device="meta") -> Transformer:
         return Transformer(cfg)
 
 
-def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device) -> Transformer:
-    """Fill a meta-device model from the checkpoint at `path`, tensor by tensor, checking names and shapes."""
-    params = dict(model.named_parameters())  # tied lm_head appears once, as model.embed_tokens.weight
-    tied = model.config.tie_word_embeddings
+def checkpoint_tensors(path: Path, shapes: dict[str, torch.Size], config: ModelConfig):
+    """The tensors of the checkpoint at `path` that a model with these parameters takes (name -> shape; a tied head
+    appears once, as model.embed_tokens.weight): yields (name, file, handle) with the file open, so the caller
+    reads `handle.get_tensor(name)` or some rows, `handle.get_slice(name)[a:b]`. Names and shapes are checked
+    before anything is read; a tensor the model lacks raises at once, one the checkpoint lacks after the last
+    file, each a CheckpointError naming the file."""
+    tied = config.tie_word_embeddings
     seen: set[str] = set()
     for file in weight_files(path):
         try:
@@ -64,25 +67,40 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device) -> 
             for name in f.keys():
                 if tied and name == "lm_head.weight":
                     continue  # some exporters store the tied head anyway; the embedding is authoritative
-                if name not in params:
+                if name not in shapes:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
-                    raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {model.config.model_type} model")
-                want = params[name].shape
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {config.model_type} model")
                 try:
-                    t = f.get_tensor(name)
+                    shape = tuple(f.get_slice(name).get_shape())
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
-                if t.shape != want:
-                    raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                          f"expected {tuple(want)} from config.json")
-                _assign(model, name, t.to(device=device, dtype=dtype))
+                if shape != tuple(shapes[name]):
+                    raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, "
+                                          f"expected {tuple(shapes[name])} from config.json")
+                yield name, file, f
                 seen.add(name)
-    missing = sorted(set(params) - seen)
+    missing = sorted(set(shapes) - seen)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks tensor(s): {', '.join(missing[:8])}"
                               + (" ..." if len(missing) > 8 else ""))
-    if tied:
+
+
+def read_tensor(file: Path, name: str, read):
+    """`read()` (a tensor read from an open safetensors file), its failure a CheckpointError naming the file."""
+    try:
+        return read()
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+
+def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device) -> Transformer:
+    """Fill a meta-device model from the checkpoint at `path`, tensor by tensor, checking names and shapes."""
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for name, file, f in checkpoint_tensors(path, shapes, model.config):
+        t = read_tensor(file, name, lambda: f.get_tensor(name))
+        _assign(model, name, t.to(device=device, dtype=dtype))
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
     return model

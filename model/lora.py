@@ -43,6 +43,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
+def _initial_pair(in_features: int, out_features: int, rank: int,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's initialisation, fp32 on the CPU: A (rank, in) as nn.Linear's default (Kaiming-uniform, a = sqrt(5))
+    drawn from `generator`, B (out, rank) zeros."""
+    a = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a, torch.zeros(out_features, rank)
+
+
 class LoRALinear(Linear):
     """A projection with a low-rank adapter: W x + b + scaling * B(A(dropout(x))), scaling = alpha / rank.
 
@@ -57,14 +66,13 @@ class LoRALinear(Linear):
         self.weight, self.bias = base.weight, base.bias  # shared, not copied
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        cpu = {"device": "cpu", "dtype": torch.float32}  # initialised here, then moved beside the base weight
-        self.lora_A = Linear(base.in_features, rank, bias=False, **cpu)  # weight (r, in)
-        self.lora_B = Linear(rank, base.out_features, bias=False, **cpu)  # weight (out, r)
-        # PEFT's initialisation: A as nn.Linear's default (Kaiming-uniform, a = sqrt(5)), B = 0
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(self.weight.device, self.weight.dtype)
-        self.lora_B.to(self.weight.device, self.weight.dtype)
+        # initialised on the CPU, then moved beside the base weight (on the meta device their values are gone:
+        # `initial_adapter_weights` draws them again)
+        a, b = _initial_pair(base.in_features, base.out_features, rank, generator)
+        self.lora_A = Linear(base.in_features, rank, bias=False, device="meta")  # weight (r, in)
+        self.lora_B = Linear(rank, base.out_features, bias=False, device="meta")  # weight (out, r)
+        self.lora_A.weight = nn.Parameter(a.to(self.weight.device, self.weight.dtype))
+        self.lora_B.weight = nn.Parameter(b.to(self.weight.device, self.weight.dtype))
         self.enabled = True
 
     def forward(self, x):  # x (..., in) -> (..., out)
@@ -239,28 +247,57 @@ def read_adapter_config(adapter_dir) -> dict:
     return cfg
 
 
-def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
-    """Add the adapters described by `adapter_dir` (PEFT's layout) to a model without any, and load their
-    weights, checking names and shapes. Returns the model (base frozen, adapters trainable)."""
-    adapter_dir = Path(adapter_dir)
+def add_lora_as(model: nn.Module, adapter_dir) -> nn.Module:
+    """Add adapters of the rank, alpha, dropout and targets that `adapter_dir` (PEFT's layout) describes, not
+    yet its weights (see `adapter_weights`). Returns the model."""
     cfg = read_adapter_config(adapter_dir)
     add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, cfg["target_modules"])
+    model.adapter = str(adapter_dir)
+    return model
+
+
+def adapter_weights(model: nn.Module, adapter_dir) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `adapter_dir` on the CPU under the model's parameter names, checked against the
+    model's adapters (names and shapes); the model's may be on the meta device."""
     params = {PEFT_PREFIX + k: p for k, p in model.named_parameters() if ".lora_" in k}
-    file = adapter_dir / ADAPTER_WEIGHTS
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
-    with handle as f, torch.no_grad():
+    out = {}
+    with handle as f:
         names = set(f.keys())
         if names != set(params):
             extra, missing = sorted(names - set(params)), sorted(set(params) - names)
             raise CheckpointError(f"{file}: adapter tensors do not match the model "
                                   f"(unexpected: {extra[:4]}, missing: {missing[:4]})")
-        for name in names:
+        for name in sorted(names):
             t, p = f.get_tensor(name), params[name]
             if t.shape != p.shape:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            p.copy_(t)
-    model.adapter = str(adapter_dir)
+            out[name.removeprefix(PEFT_PREFIX)] = t
+    return out
+
+
+def initial_adapter_weights(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The values `add_lora(model, ..., seed=seed)` gave the model's adapters, drawn again in the same order, on
+    the CPU under the model's parameter names: for adapters added on the meta device (a model sharded before its
+    weights are read), whose values are gone."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in lora_layers(model).items():
+        a, b = _initial_pair(m.in_features, m.out_features, m.rank, gen)
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+    """Add the adapters described by `adapter_dir` (PEFT's layout) to a model without any, and load their
+    weights, checking names and shapes. Returns the model (base frozen, adapters trainable)."""
+    add_lora_as(model, adapter_dir)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in adapter_weights(model, adapter_dir).items():
+            params[name].copy_(t)
     return model

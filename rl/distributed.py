@@ -1,4 +1,5 @@
-"""torchrun / FSDP2 plumbing: process group, sharding, full state dicts, collectives that every rank runs.
+"""torchrun / FSDP2 plumbing: process group, sharding, filling shards from checkpoint files, full state dicts,
+collectives that every rank runs.
 
 One process without torchrun is the same code path with world size 1 and no sharding.
 """
@@ -7,9 +8,15 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# how long a collective waits for the other ranks before the process group's watchdog ends the run (nccl's default
+# is 10 minutes): the ranks wait at a barrier while rank 0 gathers and writes a checkpoint's HF export, minutes
+# for an 8B model on a slow disk
+TIMEOUT = timedelta(minutes=60)
 
 
 @dataclass
@@ -46,7 +53,7 @@ def setup(device: str | None = None, fsdp: bool = False) -> Dist:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if (world > 1 or fsdp) and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank=rank, world=world, local_rank=local, device=dev, one_rank_fsdp=fsdp and world == 1)
 
@@ -115,6 +122,51 @@ def fully_shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module
     return fully_shard(model, reshard_after_forward=False, **kw)
 
 
+def load_shards(model: torch.nn.Module, path, extra: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Fill a model that was sharded on the meta device (`fully_shard_model`) and then given storage on the rank's
+    device (`to_empty`) with the weights of the HF checkpoint directory `path`: each rank reads only the rows of
+    its own shard of each tensor (safetensors reads lazily), so no rank ever holds a whole model. Names and shapes
+    are checked as by `load_model`. extra: whole tensors, on the CPU, of the parameters the checkpoint lacks (LoRA
+    adapters), of which each rank keeps its rows too. The RoPE buffer, left uninitialised by to_empty, is
+    recomputed. A model without FSDP (one process) is filled whole the same way."""
+    from model.checkpoint import checkpoint_tensors, read_tensor
+
+    params = dict(model.named_parameters())
+    extra = extra or {}
+    unknown = sorted(set(extra) - set(params))
+    if unknown:
+        raise ValueError(f"load_shards: no parameter named {unknown[0]!r} in the model")
+    shapes = {name: p.shape for name, p in params.items() if name not in extra}
+    with torch.no_grad():
+        for name, file, f in checkpoint_tensors(path, shapes, model.config):
+            _fill_rows(params[name], name, lambda a, b: read_tensor(file, name, lambda: f.get_slice(name)[a:b]))
+        for name, t in extra.items():
+            _fill_rows(params[name], name, lambda a, b: t[a:b])
+    model.reset_rope()
+    return model
+
+
+def _fill_rows(param: torch.Tensor, name: str, read_rows):
+    """Copy rows [a, b) of the whole tensor, `read_rows(a, b)`, into this rank's shard of `param`: FSDP2 cuts dim 0
+    into world-size chunks of ceil(rows / world) rows (torch.chunk; the last ones shorter or empty)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local, start, stop = param, 0, param.shape[0]
+    if isinstance(param, DTensor):
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(f"{name}: placements {param.placements}, expected FSDP's Shard(0) on a 1-D mesh")
+        local, mesh = param.to_local(), param.device_mesh
+        per = -(-param.shape[0] // mesh.size())
+        start = min(mesh.get_local_rank() * per, param.shape[0])
+        stop = min(start + per, param.shape[0])
+    if local.is_meta:
+        raise RuntimeError(f"{name}: still on the meta device (give the model storage first: model.to_empty)")
+    if local.shape[0] != stop - start:  # FSDP cut the tensor otherwise than assumed
+        raise RuntimeError(f"{name}: this rank's shard has {local.shape[0]} rows, expected rows {start}..{stop}")
+    if stop > start:
+        local.copy_(read_rows(start, stop))
+
+
 def fsdp_modules(model):
     from torch.distributed.fsdp import FSDPModule
 
@@ -153,13 +205,6 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optim_state_dict(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optim_state_dict(model, optimizer, state: dict):

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import default_dtype, load_model, load_tokenizer, resolve_model
+from model import ModelConfig, default_dtype, load_model, load_tokenizer, resolve_model
+from model.checkpoint import build_model
 from model.freeze import freeze_all_but_top
-from model.lora import PROJECTIONS, AdaptersOff, add_lora, load_adapter
+from model.lora import PROJECTIONS, AdaptersOff, add_lora, add_lora_as, adapter_weights, initial_adapter_weights
 
 from . import checkpoints
 from . import distributed as dist
@@ -146,7 +147,7 @@ def build_models(cfg, resume_from: Path | None, d: dist.Dist) -> Models:
     second copy); else the reference is the starting model, loaded again in the compute dtype and frozen.
     --trainable-layers N leaves only the top N blocks (and the norm and head) trainable. --recommender
     reference makes the reference the recommender too. A resumed run loads the policy (or its adapter) from
-    the checkpoint `resume_from`.
+    the checkpoint `resume_from`. Under FSDP each model is sharded before its weights are read (`load_on_ranks`).
     """
     compute = resolve_dtype(cfg.dtype, d.device)
     with dist.local_main_first(d):  # each source is converted or downloaded once per node
@@ -155,26 +156,59 @@ def build_models(cfg, resume_from: Path | None, d: dist.Dist) -> Models:
     tokenizer = load_tokenizer(cfg.model)
     lora = bool(cfg.lora_rank)
     start_from = cfg.model if lora or not resume_from else str(resume_from / "model")
-    policy = load_model(start_from, dtype=torch.float32, device=d.device)
-    if lora and (resume_from or cfg.init_adapter):
-        load_adapter(policy, resume_from / "adapter" if resume_from else cfg.init_adapter)
-    elif lora:
-        add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
-    elif cfg.trainable_layers:
-        freeze_all_but_top(policy, cfg.trainable_layers)
-    policy.gradient_checkpointing = cfg.activation_checkpointing
+    adapter = (resume_from / "adapter" if resume_from else cfg.init_adapter) if lora else None  # "": fresh
+
+    def trainable(model) -> dict[str, torch.Tensor]:
+        """Adapters or frozen layers, as the flags say; returns the adapters' values (see load_on_ranks)."""
+        if adapter:
+            add_lora_as(model, adapter)
+            return adapter_weights(model, adapter)
+        if lora:
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
+            return initial_adapter_weights(model, cfg.seed)
+        if cfg.trainable_layers:
+            freeze_all_but_top(model, cfg.trainable_layers)
+        return {}
+
+    def frozen(model) -> dict:
+        model.requires_grad_(False)
+        return {}
+
+    policy = load_on_ranks(start_from, torch.float32, d, compute, trainable)
     if not d.enabled and compute != torch.float32:
         policy.autocast_dtype = compute
-    policy = dist.shard(policy, d, compute)
-    if lora:
-        reference = AdaptersOff(policy)
-    else:
-        reference = dist.shard(load_model(cfg.model, dtype=compute, device=d.device).requires_grad_(False), d,
-                               compute)
+    policy.gradient_checkpointing = cfg.activation_checkpointing
+    reference = AdaptersOff(policy) if lora else load_on_ranks(cfg.model, compute, d, compute, frozen)
     if cfg.recommender == "reference":
         return Models(policy, reference, tokenizer, reference, tokenizer)
-    rec = load_model(cfg.recommender, dtype=compute, device=d.device).requires_grad_(False)
-    return Models(policy, reference, tokenizer, dist.shard(rec, d, compute), load_tokenizer(cfg.recommender))
+    rec = load_on_ranks(cfg.recommender, compute, d, compute, frozen)
+    return Models(policy, reference, tokenizer, rec, load_tokenizer(cfg.recommender))
+
+
+def load_on_ranks(source, dtype: torch.dtype, d: dist.Dist, compute: torch.dtype, prepare=None):
+    """The model of `source` with weights in `dtype`; `prepare(model)` adds adapters or freezes layers and returns
+    the whole values of any parameter it added (which the checkpoint lacks).
+
+    Under FSDP (d.enabled) no rank ever holds the whole model: it is built on the meta device, prepared there,
+    sharded (`dist.shard`, FSDP's param_dtype `compute`), given storage on the rank's device, then each rank reads
+    its rows of each tensor (`dist.load_shards`). Every source is an HF directory by then (GGUF files and hub ids
+    are converted once, `resolve_model`). One process: `load_model`, then `prepare`."""
+    prepare = prepare or (lambda model: {})
+    if not d.enabled:
+        model = load_model(source, dtype=dtype, device=d.device)
+        values = prepare(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in values.items():
+                params[name].copy_(t)
+        return model
+    path = resolve_model(source)
+    model = build_model(ModelConfig.from_file(path / "config.json")).to(dtype)
+    model.source = str(path)
+    extra = prepare(model)
+    model = dist.shard(model, d, compute)
+    model.to_empty(device=d.device)
+    return dist.load_shards(model, path, extra).eval()
 
 
 @dataclass

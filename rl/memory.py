@@ -234,8 +234,11 @@ class Phases:
 
 def load_parts(s: Shapes, gpus: int, sharded: bool, c: int, reference: Shapes | None,
                others: list[Shapes]) -> dict[str, int]:
-    """rl/loop.build_models: each rank reads the whole policy in fp32 onto its device, then FSDP keeps its shard;
-    then the reference (and a recommender) whole in the compute dtype, then its shard. The peak of the two."""
+    """rl/loop.build_models: one process loads the fp32 policy whole, then the reference (and a recommender) whole
+    in the compute dtype. Under FSDP each model is sharded on the meta device before its weights are read and each
+    rank reads only its rows of each tensor (rl/loop.load_on_ranks): a rank holds its shards, and in passing one
+    tensor's rows (a few MB, not counted)."""
+    frozen = [reference] * (reference is not None) + others
     if not sharded:
         parts = {"policy fp32": 4 * s.params}
         if reference is not None:
@@ -243,15 +246,10 @@ def load_parts(s: Shapes, gpus: int, sharded: bool, c: int, reference: Shapes | 
         for i, o in enumerate(others):
             parts[f"frozen model {i + 1} weights"] = c * o.params
         return parts
-    policy = {"policy fp32 (whole, before sharding)": 4 * s.params, "policy fp32 shards": 4 * s.params // gpus}
-    frozen = [reference] * (reference is not None) + others
-    if not frozen:
-        return policy
-    largest = max(frozen, key=lambda m: m.params)
-    after = {"policy fp32 shards": 4 * s.params // gpus,
-             "frozen weights (whole, before sharding)": c * largest.params,
-             "frozen shards": sum(c * m.params // gpus for m in frozen)}
-    return policy if sum(policy.values()) >= sum(after.values()) else after
+    parts = {"policy fp32 shards": 4 * s.params // gpus}
+    if frozen:
+        parts["frozen shards"] = sum(c * m.params // gpus for m in frozen)
+    return parts
 
 
 def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None = None,

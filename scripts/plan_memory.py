@@ -24,7 +24,7 @@ from rl.memory import GIB, dpo_plan, grpo_plan, model_shapes  # noqa: E402
 
 TRAINERS = {"grpo": (grpo_trainer.GRPOConfig, grpo_trainer.PRESETS),
             "dpo": (dpo_trainer.DPOConfig, dpo_trainer.PRESETS)}
-ADVICE = {"load": "more GPUs (each rank reads the whole fp32 policy before FSDP shards it)",
+ADVICE = {"load": "more GPUs (each rank holds its shards of the policy and the frozen models)",
           "rollout": "a smaller --rollout-tokens (fewer prompts decoded at once)",
           "explore": "fewer --samples or a shorter --max-new-tokens",
           "log-probs": "a smaller --micro-batch-rows / --micro-batch-pairs or --logprob-chunk-tokens",

@@ -1,6 +1,7 @@
 """FSDP2 on one gloo rank on the CPU: generation under a bf16 mixed-precision policy, and what `gathered()`
 leaves behind. One rank shards nothing, but the code paths (DTensor masters, gathered bf16 copies, reshard
-settings) are those of a multi-GPU run."""
+settings) are those of a multi-GPU run. On two gloo ranks: a model sharded on the meta device, then filled with
+each rank's rows, equals the whole model loaded then sharded."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -89,3 +90,123 @@ def test_is_sharded_tells_fsdp_from_a_full_copy():
     assert not model_is_sharded(tiny_qwen3())
     assert model_is_sharded(D.fully_shard_model(tiny_qwen3()))
     assert model_is_sharded(AdaptersOff(D.fully_shard_model(add_lora(tiny_qwen3(), 2, 4.0))))
+
+# ---- building a sharded model without a whole copy on any rank --------------------------------------------------
+# a Qwen3 whose row counts do not divide by two ranks (vocab 509, MLP 81): FSDP's last shard is the shorter one
+ODD_QWEN3 = Qwen3Config(vocab_size=509, hidden_size=48, intermediate_size=81, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=10, tie_word_embeddings=False,
+                        max_position_embeddings=256)
+
+
+def _build_worker(rank, world, init_file, out_dir, sources):
+    """On each rank: every source and way of preparing it, built the old way (whole model loaded, then sharded)
+    and by loop.load_on_ranks (meta device, sharded, then each rank's rows read); logits, full state dicts and
+    requires_grad compared. load_on_ranks is instrumented: fully_shard must see only meta tensors, load_model
+    must not run, and the rows read from the files are counted."""
+    import json
+    from datetime import timedelta
+    from pathlib import Path
+
+    from model import load_model
+    from model.lora import add_lora, initial_adapter_weights
+    from rl import loop
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    d = D.Dist(rank=rank, world=world)
+    on_meta, read = [], []
+    real_shard, real_fill = D.fully_shard_model, D._fill_rows
+
+    def shard_spy(model, mp_policy=None):
+        on_meta.append(all(t.is_meta for t in [*model.parameters(), *model.buffers()]))
+        return real_shard(model, mp_policy)
+
+    def fill_spy(param, name, read_rows):
+        def counted(a, b):
+            rows = read_rows(a, b)
+            read.append(rows.numel())
+            return rows
+
+        real_fill(param, name, counted)
+
+    def no_whole_load(*a, **k):
+        raise AssertionError("load_model under FSDP")
+
+    D.fully_shard_model, D._fill_rows, loop.load_model = shard_spy, fill_spy, no_whole_load
+    def fresh(m):  # LoRA adapters; their values drawn again for the model on the meta device
+        add_lora(m, 4, 8.0, seed=3)
+        return initial_adapter_weights(m, 3)
+
+    def top(m):  # the last block trainable
+        m.requires_grad_(False)
+        m.model.layers[-1].requires_grad_(True)
+        return {}
+
+    def frozen(m):  # a reference: bf16 weights, bf16 compute
+        m.requires_grad_(False)
+        return {}
+
+    ids = torch.tensor([[1, 403, 260, 365, 300, 7], [1, 9, 8, 7, 6, 5]])
+    res = {}
+    for source in sources:
+        for how, dtype, prepare in (("plain", torch.float32, None), ("lora", torch.float32, fresh),
+                                    ("top", torch.float32, top), ("frozen-bf16", torch.bfloat16, frozen)):
+            del on_meta[:], read[:]
+            new = loop.load_on_ranks(source, dtype, d, dtype, prepare)
+            old = load_model(source, dtype)
+            if prepare:
+                values = prepare(old)
+                old_params = dict(old.named_parameters())
+                with torch.no_grad():
+                    for k, v in values.items():
+                        assert torch.equal(old_params[k], v)  # the values drawn again are add_lora's own
+            mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+            old = real_shard(old, mp)
+            with torch.no_grad():
+                same_logits = torch.equal(new(ids), old(ids))
+            a, b = D.full_state_dict(new), D.full_state_dict(old)
+            n_params = sum(p.numel() for p in new.parameters())  # counts the tied embedding once
+            res[f"{Path(source).name}/{how}"] = dict(
+                on_meta=on_meta, same_logits=same_logits, keys=sorted(a) == sorted(b),
+                same_state=all(torch.equal(a[k], b[k]) for k in a),
+                same_grad=[(k, p.requires_grad) for k, p in new.named_parameters()]
+                == [(k, p.requires_grad) for k, p in old.named_parameters()],
+                tied=new.lm_head.weight is new.model.embed_tokens.weight,
+                read_share=sum(read) / n_params)
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def test_sharded_build_equals_whole_load_then_shard(tmp_path):
+    """Two gloo ranks: the model built on the meta device, sharded, then filled with each rank's rows (stories260K:
+    Llama, tied embeddings; a Qwen3 with uneven shards), plain, with fresh LoRA adapters, with only the top block
+    trainable, and frozen in bf16 (a reference), gives the same logits, full state dict and trainable parameters
+    as the whole model loaded on each rank then sharded; no rank held the whole model (fully_shard saw only meta
+    tensors, the whole-model loader never ran) and each rank read about half of the weights."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    from model import save_model
+    from tests.tiny import STORIES
+
+    odd = save_model(Transformer(ModelConfig.from_dict(ODD_QWEN3.to_dict())).init_weights(seed=1), None,
+                     tmp_path / "odd-qwen3")
+    ctx = mp.start_processes(_build_worker, args=(2, str(tmp_path / "init"), str(tmp_path), [str(STORIES), str(odd)]),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("sharded build hung")
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert len(res) == 8
+        for case, r in res.items():
+            assert r["on_meta"] == [True], case
+            assert r["same_logits"] and r["keys"] and r["same_state"] and r["same_grad"], (case, r)
+            assert r["tied"] == case.startswith("stories"), case
+            assert 0.4 < r["read_share"] < 0.6, (case, r["read_share"])

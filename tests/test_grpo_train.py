@@ -3,6 +3,7 @@ uninterrupted run, a kill during a checkpoint write loses nothing, and the DUET 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,8 +86,11 @@ def test_rollout_in_chunks_equals_one_batch(tmp_path):
         cfg_from([*base, "--rollout-tokens", str(8 * (6 + 16) - 1)])
 
 
-def test_fsdp_two_ranks_equal_one_process(tmp_path):
-    """Also the lm_head in chunks of 7 positions under FSDP (log-probs inside forward, recomputed in backward)."""
+def test_fsdp_two_ranks_equal_one_process_and_resume(tmp_path):
+    """Also the lm_head in chunks of 7 positions under FSDP (log-probs inside forward, recomputed in backward).
+    Two ranks stopped after 2 steps and resumed equal two ranks uninterrupted, bit for bit: each rank wrote its
+    own shards of the optimizer's state (train_state/, DCP); the same checkpoint resumed by one process
+    (resharded) equals them to float rounding."""
     args = [*TOY, "--max-steps", "3", "--save-every", "3", "--logprob-chunk-tokens", "7"]
     run_script([*args, "--run-dir", str(tmp_path / "one")])
     run_script([*args, "--run-dir", str(tmp_path / "two")], nproc=2)
@@ -100,6 +104,35 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     start = load_file(str(STORIES / "model.safetensors"))
     assert max((w1[k] - start[k]).abs().max() for k in w1) > 1e-4  # training moved the weights
     assert max((w1[k] - w2[k]).abs().max() for k in w1) <= 1e-5
+
+    split = tmp_path / "split"
+    run_script([*args, "--run-dir", str(split), "--stop-after", "2"], nproc=2)
+    state = split / "checkpoints/step_2/train_state"
+    assert sorted(f.name for f in state.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from rl.checkpoints import Reader
+
+    meta = Reader(state).read_metadata()
+    files = {}
+    for index, info in meta.storage_data.items():
+        files.setdefault(index.fqn, set()).add(info.relative_path)
+    exp_avg = {k: v for k, v in files.items() if k.endswith(".exp_avg")}
+    assert exp_avg and all(v == {"__0_0.distcp", "__1_0.distcp"} for v in exp_avg.values())  # a shard each
+    assert files["rng.rank0.torch"] == {"__0_0.distcp"} and files["rng.rank1.torch"] == {"__1_0.distcp"}
+    # Adam's m and v (8 bytes a parameter) and a little framing: no copy of the weights (they are in model/)
+    n = sum(t.numel() for t in weights(split, 2).values())
+    assert sum(f.stat().st_size for f in state.iterdir()) < 1.3 * 8 * n
+    shutil.copytree(split, tmp_path / "resharded")
+    run_script([*args, "--run-dir", str(split), "--resume"], nproc=2)
+    w3 = weights(split, 3)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    resumed = read_metrics(split)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(two, resumed):
+        for k in ("train/loss", "train/reward_mean", "train/kl", "train/pg_loss"):
+            assert a[k] == b[k], (k, a[k], b[k])
+    run_script([*args, "--run-dir", str(tmp_path / "resharded"), "--resume"])
+    w4 = weights(tmp_path / "resharded", 3)
+    assert max((w2[k] - w4[k]).abs().max() for k in w2) <= 1e-5
 
 
 def test_resume_equals_uninterrupted(tmp_path):

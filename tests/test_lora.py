@@ -216,3 +216,22 @@ def test_freeze_all_but_top_rejects_bad_input():
         freeze_all_but_top(m, 6)
     with pytest.raises(ValueError, match="LoRA"):
         freeze_all_but_top(add_lora(m, 2, 4), 1)
+
+
+def test_adapters_added_on_the_meta_device_get_their_values_drawn_again():
+    """A model built on the meta device (to be sharded before its weights are read) gets adapters without values;
+    initial_adapter_weights draws add_lora's values again, in its order, and they are those of a real model."""
+    from model.checkpoint import build_model
+    from model.config import ModelConfig
+    from model.lora import initial_adapter_weights
+
+    real = add_lora(load_model(STORIES), 4, 8.0, targets=("q_proj", "down_proj"), seed=7)
+    meta = add_lora(build_model(ModelConfig.from_file(STORIES / "config.json")), 4, 8.0,
+                    targets=("q_proj", "down_proj"), seed=7)
+    assert all(p.is_meta for p in meta.parameters())
+    drawn = initial_adapter_weights(meta, seed=7)
+    adapters = {k: p for k, p in real.named_parameters() if ".lora_" in k}
+    assert drawn.keys() == adapters.keys() and len(drawn) == 2 * 2 * 5
+    assert all(torch.equal(drawn[k], adapters[k]) for k in drawn)
+    assert not torch.equal(drawn["model.layers.0.self_attn.q_proj.lora_A.weight"],
+                           initial_adapter_weights(meta, seed=8)["model.layers.0.self_attn.q_proj.lora_A.weight"])
