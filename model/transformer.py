@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,11 +18,53 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linear
+from .varlen import pad, take_rows, unpad_index
 
 try:  # optional fused kernels on CUDA; SDPA everywhere else
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # ImportError, or a broken CUDA build
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+
+
+def varlen_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """flash_attn_varlen_func where it runs (flash-attn importable, CUDA, fp16 / bf16 compute), else None (SDPA)."""
+    if flash_attn_varlen_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_varlen_func
+    return None
+
+
+class Varlen(NamedTuple):
+    """A padded batch's real tokens for a varlen kernel (see model/varlen.py); the T queries are the last T of the
+    S key slots, so a row's real queries are its last real keys."""
+    kernel: Callable  # flash_attn_varlen_func's signature
+    q_index: torch.Tensor  # (Nq,) real queries in the flattened (B * T)
+    k_index: torch.Tensor  # (Nk,) real keys in the flattened (B * S)
+    cu_q: torch.Tensor  # (B + 1,) int32
+    cu_k: torch.Tensor  # (B + 1,) int32
+    max_q: int
+    max_k: int
+
+
+def varlen_mask(kernel: Callable, attention_mask: torch.Tensor, T: int) -> Varlen:
+    """attention_mask (B, S) over every key slot, the queries its last T -> the Varlen of that batch."""
+    k_index, cu_k, max_k = unpad_index(attention_mask)
+    if attention_mask.shape[1] == T:  # no cache before these tokens: queries and keys are the same tokens
+        return Varlen(kernel, k_index, k_index, cu_k, cu_k, max_k, max_k)
+    q_index, cu_q, max_q = unpad_index(attention_mask[:, -T:])
+    return Varlen(kernel, q_index, k_index, cu_q, cu_k, max_q, max_k)
+
+
+def varlen_attention(q, k, v, vl: Varlen):
+    """q (B, H, T, hd), k, v (B, KV, S, hd) -> (B, T, H * hd): the varlen kernel on the real tokens only, causal
+    (flash-attn aligns it bottom-right: query i of a row of Lq real queries over Lk real keys sees keys up to
+    Lk - Lq + i, its own slot), grouped-query heads as they are; zeros at padding positions."""
+    B, _, T, _ = q.shape
+    dtype = v.dtype  # under autocast q and k leave RoPE in fp32 while v is in the compute dtype; SDPA casts alike
+    qu = take_rows(q.transpose(1, 2), vl.q_index).to(dtype)  # (Nq, H, hd)
+    ku = take_rows(k.transpose(1, 2), vl.k_index).to(dtype)  # (Nk, KV, hd)
+    vu = take_rows(v.transpose(1, 2), vl.k_index)
+    y = vl.kernel(qu, ku, vu, vl.cu_q, vl.cu_k, vl.max_q, vl.max_k, causal=True)  # (Nq, H, hd)
+    return pad(y, vl.q_index, B, T).reshape(B, T, -1)
 
 
 class RMSNorm(nn.Module):
@@ -64,6 +107,16 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE. On CUDA in fp16 / bf16 with flash-attn installed, a padded prefill or
+    training forward runs flash-attn's varlen kernel on the real tokens (no (B, 1, T, S) mask) and an unpadded one
+    flash_attn_func; everything else runs SDPA.
+
+    Decode steps with a cache stay on SDPA with a (B, 1, 1, S) mask. flash_attn_with_kvcache wants each row's keys
+    in one run of slots ([cache_leftpad, cache_seqlens), in a (B, S_max, KV, hd) buffer), while the rows here share
+    one write pointer in a (B, KV, S_max, hd) buffer and may have padding slots wherever the caller's mask says
+    (left-padded prompts; the recommender's prefix, padding, suffix): a mask of that one-run form cannot be told
+    from another without a host sync per step, which the sampler's decode loop is written to avoid."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -89,7 +142,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, S, hd), views into the preallocated buffers
-        if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) \
+        if isinstance(mask, Varlen):
+            y = varlen_attention(q, k, v, mask)
+        elif flash_attn_func is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) \
                 and isinstance(mask, str):
             # flash-attn aligns the causal mask bottom-right, right for a prefill or a decode step alike
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask == "causal")
@@ -216,8 +271,13 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
 
-        mask = self._attention_mask(attention_mask, past, T, dev)
         with self._autocast(dev):
+            kernel = None
+            if attention_mask is not None and T > 1:  # a padded prefill or training forward: varlen where it runs
+                dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else \
+                    self.compute_dtype()
+                kernel = varlen_kernel(dev, dtype)
+            mask = self._attention_mask(attention_mask, past, T, dev, kernel)
             x = self._layers(input_ids, position_ids, mask, kv_cache, num_logits_to_keep)  # (B, T', D)
             if head is not None:
                 return head(x, self.lm_head)
@@ -260,8 +320,9 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     @staticmethod
-    def _attention_mask(attention_mask, past: int, T: int, dev):
-        """'causal' (let the kernel build it), None (a single query sees every key), or a bool (B, 1, T, S) mask."""
+    def _attention_mask(attention_mask, past: int, T: int, dev, kernel: Callable | None = None):
+        """'causal' (let the kernel build it), None (a single query sees every key), a Varlen (padded tokens and a
+        varlen kernel) or a bool (B, 1, T, S) mask."""
         if T == 1 and attention_mask is not None and past > 0:
             # a decode step with a mask (the sampler passes one only when prompts were padded): no host sync on
             # .all(), which would also break a torch.compile graph; the new token (the last key, S - 1) always
@@ -275,6 +336,8 @@ class Transformer(nn.Module):
                 return "causal" if T > 1 else None
             if T == 1:
                 return None
+        if kernel is not None and attention_mask is not None and T > 1:
+            return varlen_mask(kernel, attention_mask, T)
         S = past + T
         q_pos = torch.arange(past, S, device=dev)[:, None]  # (T, 1) absolute query positions
         k_pos = torch.arange(S, device=dev)[None, :]  # (1, S)
