@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, KVCacheAt
 from .linear import Linear
 from .varlen import pad, take_rows, unpad_index
 
@@ -246,7 +246,8 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
-                num_logits_to_keep: int = 0, return_hidden: bool = False, head=None):
+                num_logits_to_keep: int = 0, return_hidden: bool = False, head=None,
+                cache_index: torch.Tensor | None = None):
         """input_ids (B, T) -> logits (B, T, V) (or the last `num_logits_to_keep` positions).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding over ALL key positions, i.e. the cache
@@ -257,28 +258,45 @@ class Transformer(nn.Module):
         head: a function (hidden (B, T', D), lm_head) -> anything, returned in place of lm_head(hidden); it runs
             inside forward's autocast and, under FSDP, while the root's parameters (the lm_head) are gathered.
             For log-probs a chunk of positions at a time, without the whole logit block (rl/logprobs.py).
+        cache_index: a 0-d long tensor: the static-shape form of a cached forward, for a decode step that
+            torch.compile and CUDA graphs capture (model/sampler.py's decode_step). The keys/values of these T
+            tokens go to slots [cache_index, cache_index + T) and attention reads all kv_cache.max_len slots;
+            attention_mask is then (B, max_len) over every slot (the slots after the new tokens are hidden whatever
+            it says); position_ids default to cumsum(attention_mask) - 1 at the new slots (cache_index + arange(T)
+            without a mask); kv_cache.pos is neither read nor moved. No host sync, no branch on a tensor's values.
         """
         B, T = input_ids.shape
-        past = kv_cache.pos if kv_cache is not None else 0
         dev = input_ids.device
+        static = cache_index is not None
+        if static and kv_cache is None:
+            raise ValueError("cache_index needs a kv_cache")
+        past = 0 if kv_cache is None or static else kv_cache.pos
+        S = kv_cache.max_len if static else past + T  # key slots
         if attention_mask is not None:
             attention_mask = attention_mask.to(dev, torch.bool)
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         if position_ids is None:
-            if attention_mask is not None:
+            if static:
+                slots = cache_index + torch.arange(T, device=dev)  # (T,)
+                position_ids = slots.expand(B, T) if attention_mask is None else \
+                    (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
+            elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
 
         with self._autocast(dev):
-            kernel = None
-            if attention_mask is not None and T > 1:  # a padded prefill or training forward: varlen where it runs
-                dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else \
-                    self.compute_dtype()
-                kernel = varlen_kernel(dev, dtype)
-            mask = self._attention_mask(attention_mask, past, T, dev, kernel)
-            x = self._layers(input_ids, position_ids, mask, kv_cache, num_logits_to_keep)  # (B, T', D)
+            if static:
+                mask, cache = self._static_mask(attention_mask, cache_index, T, S, dev), kv_cache.at(cache_index)
+            else:
+                kernel = None
+                if attention_mask is not None and T > 1:  # a padded prefill or training forward: varlen if it runs
+                    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else \
+                        self.compute_dtype()
+                    kernel = varlen_kernel(dev, dtype)
+                mask, cache = self._attention_mask(attention_mask, past, T, dev, kernel), kv_cache
+            x = self._layers(input_ids, position_ids, mask, cache, num_logits_to_keep)  # (B, T', D)
             if head is not None:
                 return head(x, self.lm_head)
             return x if return_hidden else self.lm_head(x)
@@ -296,7 +314,7 @@ class Transformer(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(dev.type, dtype=self.autocast_dtype)
 
-    def _layers(self, input_ids, position_ids, mask, kv_cache: KVCache | None, num_logits_to_keep: int):
+    def _layers(self, input_ids, position_ids, mask, kv_cache: KVCache | KVCacheAt | None, num_logits_to_keep: int):
         """Embeddings, blocks and the final norm: (B, T) ids -> (B, T', D) hidden states, T' = num_logits_to_keep
         or T."""
         T = input_ids.shape[1]
@@ -318,6 +336,18 @@ class Transformer(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         return self.model.norm(x)
+
+    @staticmethod
+    def _static_mask(attention_mask, index: torch.Tensor, T: int, S: int, dev):
+        """The bool (B or 1, 1, T, S) mask of a static-shape forward: the query at slot index + i sees the slots up
+        to its own that attention_mask (B, S) allows, and always itself. No Python branch on index's value."""
+        k_slot = torch.arange(S, device=dev)[None, :]  # (1, S)
+        q_slot = (index + torch.arange(T, device=dev))[:, None]  # (T, 1)
+        allowed = k_slot <= q_slot  # (T, S)
+        if attention_mask is not None:
+            allowed = allowed[None] & attention_mask[:, None, :]  # (B, T, S)
+        allowed = allowed | (k_slot == q_slot)
+        return allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
 
     @staticmethod
     def _attention_mask(attention_mask, past: int, T: int, dev, kernel: Callable | None = None):

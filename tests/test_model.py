@@ -249,6 +249,29 @@ def test_decode_step_mask_without_host_sync_equals_general_mask():
     assert not mask[:, -1].any()  # the caller's mask is left untouched
 
 
+def test_static_decode_step_equals_cached_forward(family):
+    """cache_index (the capturable decode step): keys written at a tensor slot, attention over every slot of the
+    cache with the unwritten ones hidden, positions from the mask over every slot; the logits of the usual cached
+    forward, and `pos` untouched."""
+    _, path, _ = family
+    m = load_model(path)
+    ids, mask = left_padded_batch()
+    T, extra = ids.shape[1], 3  # slots beyond the last token stay unwritten and hidden
+    slots_mask = torch.cat([mask, torch.ones(3, extra, dtype=mask.dtype)], 1)  # (B, T + extra) over every slot
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+        cache = m.new_cache(batch=3, max_len=T + extra)
+        out = [m(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
+        for t in range(6, T):
+            out.append(m(ids[:, t:t + 1], attention_mask=slots_mask, kv_cache=cache, cache_index=torch.tensor(t)))
+        assert cache.pos == 6
+        with pytest.raises(ValueError, match="expected"):
+            m(ids[:, :1], attention_mask=mask, kv_cache=cache, cache_index=torch.tensor(T))
+    step = torch.cat(out, dim=1)
+    real = mask.bool()
+    assert (step[real] - full[real]).abs().max() <= 1e-4
+
+
 # ---- flash-attn's varlen path, with a reference kernel in its place ------------------------------------------------
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                                causal=False):
