@@ -8,8 +8,8 @@
     out.finished    # (R,) whether the row produced an EOS (or completed a stop text)
 
 Design
-- Left padding. All rows share one cache slot per step (a single write slot, one index_copy per layer and
-  step) and the forward pass takes the attention mask over every key slot; each row's positions are
+- Left padding. All rows share one cache slot per step (a single write pointer, one slice assignment per layer
+  and step) and the forward pass takes the attention mask over every key slot; each row's positions are
   cumsum(mask) - 1, i.e. 0, 1, 2, ... from its own first real token, so a row sees exactly the positions and keys
   it would see alone. Per-row write pointers (no padding) would save the padded slots but need a scatter per
   layer and a ragged mask anyway; with prompts sorted by length the padding is small. Without padding (all
@@ -29,9 +29,10 @@ Design
   texts are matched there on the decoded windows of the steps since the last look, each step as if alone, rows
   that completed one are cut back to it, and one number, the step at which the last row ended, says whether to
   stop. The outputs are those of looking every step.
-- Static decode steps. Each step's forward is `decode_step`: the same shapes every step (all P + L cache slots
-  under a mask, the write slot and the positions as tensors), so `compile_decode=True` compiles it whole
-  (fullgraph, no recompile per step) and on CUDA replays it as a CUDA graph (mode "reduce-overhead").
+- Static decode steps. With `compile_decode=True` each step's forward is `decode_step`: the same shapes every
+  step (all P + L cache slots under a mask, the write slot and the positions as tensors), compiled whole
+  (fullgraph, no recompile per step) and on CUDA replayed as a CUDA graph (mode "reduce-overhead"). Eager steps
+  attend to the P + t + 1 slots written so far (less work; no sync either).
 - Chunks (`chunk_prompts`): the KV cache of B * n rows of P + L slots is the rollout's largest tensor. The B
   prompts are prefilled together once; then a few prompts at a time get their rows' cache (copied from the
   prefill), decode until their rows end and free it. Each chunk keeps the whole batch's layout (P, the mask,
@@ -235,11 +236,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         and on CUDA, up to the rounding of kernels chosen for another batch size).
     check_every: look at the rows on the host (stop texts; have all rows ended?) every this many decode steps: the
         loop's only host syncs (one a look, two with stop texts); 0 = every step on the CPU (a sync costs nothing
-        there, a step much more) and every 8 on CUDA. The outputs do not depend on it; up to check_every - 1 steps may run after the last row
-        ended, and a row that completes a stop text keeps sampling until the next look, then is cut back.
+        there, a step much more) and every 8 on CUDA. The outputs do not depend on it; up to check_every - 1 steps
+        may run after the last row ended, and a row that completes a stop text keeps sampling until the next look,
+        then is cut back.
     compile_decode: run the decode steps through compiled_decode_step: True for mode "reduce-overhead" (CUDA
         graphs) on CUDA and "default" elsewhere, or a mode's name. One compile per shape (rows, P + L cache slots):
-        worth it for long decodes of a fixed shape. Off by default.
+        worth it for long decodes of a fixed shape. Off by default: eager steps attend to the slots written so far
+        only, and attention over all P + L slots rounds differently (log-probs within ~1e-5 on stories260K).
     Returns SampleOutput with L = number of decode steps run (<= max_new_tokens; fewer when all rows ended).
     """
     B, R = len(prompts), len(prompts) * n
@@ -292,14 +295,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     logits = model(ids, attention_mask=None if mask is None else mask[:, :P], kv_cache=cache,
                    num_logits_to_keep=1)[:, -1]  # (B, V_model)
 
-    step_fn = decode_step
+    step_fn = None
     if compile_decode:
         mode = compile_decode if isinstance(compile_decode, str) else \
             "reduce-overhead" if dev.type == "cuda" else "default"
         step_fn = compiled_decode_step(mode)
     decoder = _Decoder(model, L, temperature, top_k, top_p, sorted(set(eos_ids)), pad_id,
                        vocab_limit or model.config.vocab_size, min_new_tokens, sync_ranks, stop_texts, decode,
-                       check_every or (1 if dev.type == "cpu" else 8), step_fn, bool(compile_decode))
+                       check_every or (1 if dev.type == "cpu" else 8), step_fn)
     parts = []
     for a in range(0, B, step):
         rows = slice(a, min(a + step, B))
@@ -330,8 +333,7 @@ class _Decoder:
     stop_texts: list[str]
     decode: object
     check_every: int  # look at the host every this many steps
-    step: Callable  # decode_step, or its compiled form
-    compiled: bool
+    step: Callable | None  # compile_decode's compiled decode_step; None: the eager cached forward
 
     def __call__(self, cache: KVCache, logits: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor | None,
                  u: torch.Tensor | None, n: int) -> SampleOutput:
@@ -339,15 +341,17 @@ class _Decoder:
         position; lens (R / n,) prompt lengths; mask (R, P + L) or None; u (R, L) the rows' uniforms.
 
         The loop keeps every flag on the device and syncs with the host only every check_every steps (stop texts,
-        then the number of steps needed); each step's forward is decode_step, with the same shapes every step."""
+        then the number of steps needed). Each step's forward is the cached forward over the P + t + 1 slots
+        written so far or, with compile_decode, the compiled decode_step over all P + L."""
         model, L, pad_id = self.model, self.L, self.pad_id
         R, dev = logits.shape[0], logits.device
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
         banned = eos if self.min_new_tokens > 0 and self.eos_ids else None  # on the device once, not every step
         pos = lens.repeat_interleave(n).to(dev)  # (R,) position of the next token of each row
-        slot = torch.full((), cache.pos, dtype=torch.long, device=dev)  # cache slot of step 0's token
-        if self.compiled and dev.type == "cuda":  # CUDA graphs may write these in place (re-recorded for a new cache)
-            for buf in cache.k + cache.v:
+        P = cache.pos
+        slot = torch.full((), P, dtype=torch.long, device=dev)  # cache slot of step 0's token
+        if self.step is not None and dev.type == "cuda":
+            for buf in cache.k + cache.v:  # CUDA graphs may write them in place; a new cache re-records, no recompile
                 torch._dynamo.mark_static_address(buf)
 
         tokens = torch.full((R, L), pad_id, dtype=torch.long, device=dev)
@@ -377,9 +381,13 @@ class _Decoder:
                     break
             if t + 1 == L:
                 break
-            if self.compiled:
+            if self.step is not None:  # the compiled static-shape step
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs (logits) are consumed
-            logits = self.step(model, cache, tok, pos + t, slot + t, mask)
+                logits = self.step(model, cache, tok, pos + t, slot + t, mask)
+            else:  # eager: attend to the P + t + 1 slots written so far
+                logits = model(tok[:, None], position_ids=(pos + t)[:, None],
+                               attention_mask=None if mask is None else mask[:, :P + t + 1],
+                               kv_cache=cache, num_logits_to_keep=1)[:, -1]
         lengths = torch.where(done, lengths, steps)
         return SampleOutput(tokens[:, :steps], logprobs[:, :steps], lengths, done, pos.clone())
 

@@ -386,7 +386,8 @@ def test_check_every_leaves_the_outputs_alone(stories):
 def check_compiled_decode(model, tok):
     """generate(compile_decode=True) captures the decode step whole (fullgraph=True, dynamic=False: a graph break
     fails) once for a shape; every step replays it, also in the next call of that shape; greedy tokens equal the
-    eager loop's. -> the largest log-prob difference"""
+    eager loop's (whose steps attend to the slots written so far, not to all P + L). -> the largest log-prob
+    difference"""
     from torch._dynamo.utils import counters
 
     prompts = [tok.encode(t) for t in TEXTS]  # different lengths: each step carries a padding mask
@@ -407,18 +408,19 @@ def check_compiled_decode(model, tok):
 def test_decode_step_is_captured_whole(stories, monkeypatch):
     """The decode step under torch.compile(fullgraph=True, dynamic=False) with the aot_eager backend: Dynamo's
     capture and AOTAutograd's handling of the in-place cache writes, without Inductor's code generation (seconds,
-    not minutes); the same numbers as eager."""
+    not minutes); log-probs within 1e-4 of the eager loop's (attention over more, masked, slots rounds
+    differently)."""
     from model import sampler
 
     monkeypatch.setattr(sampler, "compiled_decode_step", lambda mode: torch.compile(
         sampler.decode_step, fullgraph=True, dynamic=False, backend="aot_eager"))
-    assert check_compiled_decode(*stories) == 0.0
+    assert check_compiled_decode(*stories) <= 1e-4
 
 
 @pytest.mark.slow  # Inductor compiles for 1-2 minutes on the CPU
 def test_compile_decode_with_inductor(stories):
-    """compile_decode=True as users run it (Inductor): one graph, the eager tokens, log-probs within 1e-5."""
-    assert check_compiled_decode(*stories) <= 1e-5
+    """compile_decode=True as users run it (Inductor): one graph, the eager tokens, log-probs within 1e-4."""
+    assert check_compiled_decode(*stories) <= 1e-4
 
 
 def test_stop_texts_end_rows_where_the_text_first_appears(stories):
