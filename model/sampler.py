@@ -226,8 +226,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     seed / seeds: row b*n + j draws from the stream row_seed(seed, b, j), or from seeds[b*n + j] when given.
     min_new_tokens: EOS ids cannot be chosen before this many tokens (as transformers' min_new_tokens); with
         min_new_tokens = max_new_tokens every row has exactly max_new_tokens tokens (benchmarks).
-    sync_ranks: all-reduce the stop flag across ranks each step; None = when torch.distributed is initialised.
-        Every rank must call with the same max_new_tokens and the same number of chunks.
+    sync_ranks: all-reduce the steps needed across ranks at each look (check_every); None = when torch.distributed
+        is initialised. Every rank must call with the same max_new_tokens, check_every and number of chunks.
     chunk_prompts: decode at most this many prompts (x n rows) at a time, 0 = all at once. The prompts are
         prefilled together once (a cache of B x P slots, kept until the last chunk starts); each chunk then
         copies its rows into a cache of its own, chunk x n x (P + max_new_tokens) slots, freed before the next.

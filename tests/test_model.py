@@ -316,8 +316,9 @@ def right_padded(ids, mask):
 def test_varlen_path_equals_dense_sdpa(family, monkeypatch):
     """Where flash_attn_varlen_func would run (CUDA, bf16), a plain-PyTorch kernel with its contract runs instead
     on the CPU: logits at the real positions and gradients equal the dense-mask SDPA path, for left padding, right
-    padding, both (prompt then completion, as in RL), a prefill into a KV cache followed by decode steps, and new
-    tokens after a cached prefix (queries fewer than keys: the bottom-right alignment)."""
+    padding, both (prompt then completion, as in RL), a prefill into a KV cache followed by decode steps, new
+    tokens after a cached prefix (queries fewer than keys: the bottom-right alignment), and a training forward and
+    backward with activation checkpointing."""
     from model import transformer
 
     _, path, _ = family
@@ -346,8 +347,11 @@ def test_varlen_path_equals_dense_sdpa(family, monkeypatch):
             cache = cache.repeat_interleave(3, max_len=5 + ids.shape[1])  # [prefix][padding][suffix] key slots
             after = m(ids, attention_mask=torch.cat([torch.ones(3, 5, dtype=mask.dtype), mask], 1), kv_cache=cache)
         m.zero_grad()
+        m.train()
+        m.gradient_checkpointing = True  # the backward recomputes each block, varlen kernel included
         loss = m(ids, attention_mask=mask)[mask.bool()].pow(2).mean()
         loss.backward()
+        m.eval()
         grads = torch.cat([p.grad.flatten() for p in m.parameters()])
         return logits, torch.cat(steps, 1), after, grads
 
@@ -358,7 +362,8 @@ def test_varlen_path_equals_dense_sdpa(family, monkeypatch):
             mp.setattr(transformer, "varlen_kernel", lambda device, dtype: kernel)
             varlen = run(*batch)
         n_layers = m.config.num_hidden_layers
-        assert calls == [True] * (4 * n_layers)  # full forward, prefill, after the prefix, training forward
+        # full forward, prefill, after the prefix, training forward and its recomputation in the backward
+        assert calls == [True] * (5 * n_layers)
         calls.clear()
         real = batch[1].bool()
         for d, v in zip(dense[:3], varlen[:3]):
