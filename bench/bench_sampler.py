@@ -1,6 +1,7 @@
 """Our sampler against transformers' generate, same model, same prompts, same number of new tokens.
 
     python bench/bench_sampler.py [--model smollm2-135m-instruct] [--threads 2] [--repeats 2] [--compile]
+                                  [--compile-decode]
 
 (a) batch 16 chat prompts of different lengths, 128 new tokens forced (EOS held back on both sides), greedy;
 (b) 4 prompts of about 500 tokens (--prompt-tokens) x 8 samples, 128 new tokens forced, temperature 1.0 (no top-k /
@@ -10,6 +11,8 @@ jobs share the machine. The roofline: a decode step reads every weight once, so 
 bandwidth / weight bytes; the bandwidth is measured here (sum over a 512 MiB tensor). The last line is JSON.
 --compile: our side runs `torch.compile(model, dynamic=True)` (the sampler is unchanged; the compile happens in the
 warm-up and its seconds are reported apart); transformers stays eager, as a user calls it by default.
+--compile-decode: our side samples with generate(compile_decode=True) (the static-shape decode step compiled whole;
+CUDA graphs on CUDA), the prefill eager; --compile-mode applies to it too when given.
 """
 from __future__ import annotations
 
@@ -94,9 +97,10 @@ def timed(f):
     return time.perf_counter() - t, out
 
 
-def compare(name, ours, theirs, rows, new, repeats):
-    """Warm both up (a short run), then alternate; best wall time of each. -> figures, last outputs"""
-    warm, _ = timed(lambda: ours(4))
+def compare(name, ours, theirs, rows, new, repeats, warm_tokens=4):
+    """Warm both up (a short run; ours of warm_tokens), then alternate; best wall time of each. -> figures, last
+    outputs"""
+    warm, _ = timed(lambda: ours(warm_tokens))
     theirs(4)
     t_ours, t_hf = [], []
     for _ in range(repeats):
@@ -123,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--cases", default="ab", help="which cases to run: a, b or ab")
     ap.add_argument("--compile", action="store_true", help="our side: torch.compile(model, dynamic=True)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--compile-decode", action="store_true", help="our side: generate(compile_decode=True)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -136,7 +141,11 @@ def main(argv=None):
           f"weights {weight_bytes / 1e6:.0f} MB", flush=True)
     result = dict(model=str(path), threads=args.threads, bandwidth_gb_s=round(bw, 2),
                   weight_mb=round(weight_bytes / 1e6, 1), load_avg=round(os.getloadavg()[0], 1),
-                  compiled=args.compile_mode if args.compile else False)
+                  compiled=args.compile_mode if args.compile else False, compile_decode=args.compile_decode)
+    # generate's compile_decode: True picks the mode by device; an explicit --compile-mode is passed on
+    args.decode_kw = dict(compile_decode=(args.compile_mode if args.compile_mode != "default" else True)
+                          if args.compile_decode else False)
+    args.warm_tokens = args.new_tokens if args.compile_decode else 4  # a compiled step is compiled for one length
     if args.compile:  # every attribute the sampler reads (config, new_cache, ...) passes through to `model`
         model = torch.compile(model, dynamic=True, mode=args.compile_mode)
 
@@ -152,8 +161,9 @@ def case_a(model, tok, hf, bw, weight_bytes, args):
     pad, V, new = tok.pad_token_id, tok.vocab_size, args.new_tokens
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     a, o, h = compare("(a) batch 16 greedy", lambda k: generate(
-        model, prompts, k, temperature=0, eos_ids=tok.eos_ids, pad_id=pad, vocab_limit=V, min_new_tokens=k),
-        lambda k: hf_run(hf, prompts, pad, k), len(prompts), new, args.repeats)
+        model, prompts, k, temperature=0, eos_ids=tok.eos_ids, pad_id=pad, vocab_limit=V, min_new_tokens=k,
+        **args.decode_kw),
+        lambda k: hf_run(hf, prompts, pad, k), len(prompts), new, args.repeats, args.warm_tokens)
     a["same_tokens"] = bool(torch.equal(o.tokens, h))  # greedy: both sides must agree token for token
     a["bound_tok_s"] = round(len(prompts) * bw * 1e9 / weight_bytes, 1)
     a["bound_share"] = round(a["ours_tok_s"] / a["bound_tok_s"], 3)
@@ -168,7 +178,8 @@ def case_b(model, tok, hf, bw, weight_bytes, args):
     rows = 4 * 8
     b, o, h = compare("(b) 4x500 tokens x 8 samples", lambda k: generate(
         model, long, k, temperature=1.0, n=8, eos_ids=tok.eos_ids, pad_id=pad, vocab_limit=V, min_new_tokens=k,
-        seed=0), lambda k: hf_run(hf, long, pad, k, n=8, sample=True), rows, new, args.repeats_b)
+        seed=0, **args.decode_kw), lambda k: hf_run(hf, long, pad, k, n=8, sample=True), rows, new, args.repeats_b,
+        args.warm_tokens)
     b["prompt_lens"] = [len(p) for p in long]
     b["bound_tok_s"] = round(rows * bw * 1e9 / weight_bytes, 1)  # decode only: prefill and KV reads left out
     b["bound_share"] = round(b["ours_tok_s"] / b["bound_tok_s"], 3)

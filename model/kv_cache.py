@@ -30,6 +30,10 @@ class KVCache:
     def advance(self, T: int):
         self.pos += T
 
+    def at(self, index: torch.Tensor) -> "KVCacheAt":
+        """This cache as a static-shape forward writes it: at slot `index`, a 0-d long tensor (see KVCacheAt)."""
+        return KVCacheAt(self, index)
+
     def repeat_interleave(self, n: int, max_len: int | None = None, rows: slice = slice(None)) -> "KVCache":
         """A new cache whose row b*n + j is a copy of row b (group sampling: one prefill, n continuations), of the
         rows `rows` only (a chunk of the prompts) when given."""
@@ -47,3 +51,24 @@ class KVCache:
             out.v.append(nv)
         out.pos, out.max_len = self.pos, max_len
         return out
+
+
+class KVCacheAt:
+    """A KVCache as one static-shape forward sees it (a decode step that torch.compile and CUDA graphs capture): the
+    keys/values of its T tokens go to slots [index, index + T), with `index` a 0-d long tensor rather than the
+    Python int `pos`, and attention reads every slot of the buffers (the forward's mask hides the slots not written
+    yet). Shapes never change from one step to the next; `pos` is neither read nor moved."""
+
+    def __init__(self, cache: KVCache, index: torch.Tensor):
+        self.cache, self.index = cache, index
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KV, T, hd) at [index, index + T) of this layer; return the buffers (B, KV, S_max, hd)."""
+        slots = self.index + torch.arange(k.shape[2], device=k.device)  # (T,)
+        buf_k, buf_v = self.cache.k[layer], self.cache.v[layer]
+        buf_k.index_copy_(2, slots, k.to(buf_k.dtype))
+        buf_v.index_copy_(2, slots, v.to(buf_v.dtype))
+        return buf_k, buf_v
+
+    def advance(self, T: int):
+        pass

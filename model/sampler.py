@@ -13,7 +13,7 @@ Design
   cumsum(mask) - 1, i.e. 0, 1, 2, ... from its own first real token, so a row sees exactly the positions and keys
   it would see alone. Per-row write pointers (no padding) would save the padded slots but need a scatter per
   layer and a ragged mask anyway; with prompts sorted by length the padding is small. Without padding (all
-  prompts of one length) no mask is built at all.
+  prompts of one length) no padding mask is built (a decode step still hides the slots not written yet).
 - Group sampling: the B distinct prompts are prefilled once, computing logits at the last position only, and
   the cache is then copied to B * n rows (`KVCache.repeat_interleave`).
 - Randomness: row r owns a torch.Generator seeded from (seed, prompt index, sample index) (see `row_seed`) and
@@ -21,9 +21,19 @@ Design
   row's tokens therefore depend only on its own prompt and its own stream: sampled alone with the same seed it
   gives the same tokens (up to float rounding of the logits in a different batch), on any device.
 - Under FSDP every rank must run the same number of forward calls (each gathers the sharded weights
-  collectively): each step all-reduces an "any row unfinished" flag, and a rank whose rows have all ended keeps
-  stepping on padding until every rank is done. A full copy of the model on each rank needs none of this: its
-  ranks may sample different numbers of prompts, or none.
+  collectively): each look at the host (below) all-reduces the number of steps the rows need, and a rank whose
+  rows have all ended keeps stepping on padding until every rank is done. A full copy of the model on each rank
+  needs none of this: its ranks may sample different numbers of prompts, or none.
+- Host syncs. The decode loop keeps its flags (finished, lengths) on the device and samples with device ops
+  (uniforms drawn up front, the inverse CDF by searchsorted, EOS ids held back by a device tensor). It looks at the
+  host only every `check_every` steps (every step on the CPU, where a sync is free; every 8 on CUDA): the stop
+  texts are matched there on the decoded windows of the steps since the last look, each step as if alone, rows
+  that completed one are cut back to it, and one number, the step at which the last row ended, says whether to
+  stop. The outputs are those of looking every step.
+- Static decode steps. With `compile_decode=True` each step's forward is `decode_step`: the same shapes every
+  step (all P + L cache slots under a mask, the write slot and the positions as tensors), compiled whole
+  (fullgraph, no recompile per step) and on CUDA replayed as a CUDA graph (mode "reduce-overhead"). Eager steps
+  attend to the P + t + 1 slots written so far (less work; no sync either).
 - Chunks (`chunk_prompts`): the KV cache of B * n rows of P + L slots is the rollout's largest tensor. The B
   prompts are prefilled together once; then a few prompts at a time get their rows' cache (copied from the
   prefill), decode until their rows end and free it. Each chunk keeps the whole batch's layout (P, the mask,
@@ -31,10 +41,14 @@ Design
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -95,23 +109,28 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def pick_tokens(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, u: torch.Tensor | None,
-                banned: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                banned: list[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of decoding for a batch. scores (R, V) fp32 logits -> ids (R,), logprobs (R,).
 
     The log-probability is that of the chosen id under softmax(scores / temperature), before top-k / top-p and
     before `banned` (EOS ids held back by min_new_tokens): the policy's own distribution, the one the GRPO
     ratio is computed against. Greedy (temperature 0) takes the argmax and reports its log-probability under
-    softmax(scores), the temperature-1 distribution.
+    softmax(scores), the temperature-1 distribution. banned: a list, or a long tensor on scores' device (no copy to
+    the device, which on CUDA waits for the stream).
     """
+    if banned is not None and len(banned) > 0:
+        banned = torch.as_tensor(banned, dtype=torch.long, device=scores.device)
+    else:
+        banned = None
     if temperature == 0:
         s = scores
-        pick_from = s if not banned else s.index_fill(-1, torch.tensor(banned, device=s.device), float("-inf"))
+        pick_from = s if banned is None else s.index_fill(-1, banned, float("-inf"))
         ids = pick_from.argmax(-1)
     else:
         s = scores / temperature
         probs = torch.softmax(s, dim=-1)
-        if banned:
-            probs = probs.index_fill(-1, torch.tensor(banned, device=s.device), 0.0)
+        if banned is not None:
+            probs = probs.index_fill(-1, banned, 0.0)
         ids = sample_inverse_cdf(truncate_probs(probs, top_k, top_p), u)
     logp = s.gather(-1, ids[:, None]).squeeze(1) - torch.logsumexp(s, dim=-1)
     return ids, logp
@@ -126,20 +145,76 @@ def stop_text_hits(windows: list[list[int]], active: list[bool], decode, stop_te
     return [a and any(t in decode(w) for t in stop_texts) for w, a in zip(windows, active)]
 
 
+def stop_text_ends(tokens: torch.Tensor, done: torch.Tensor, lengths: torch.Tensor, a: int, b: int, decode,
+                   stop_texts) -> dict[int, int]:
+    """Rows whose text first contains a stop text at a step s in [a, b), before the row ended: {row: s + 1}.
+
+    tokens (R, >= b), done and lengths (R,) as the decode loop keeps them (ends by EOS, and by stop texts found
+    before step a). One copy to the host, of steps [a + 1 - longest stop text, b) and the flags; each step is then
+    matched as if it were checked alone (stop_text_hits on the window ending there), so the answer does not depend
+    on how many steps are checked at once."""
+    m = max(map(len, stop_texts))
+    lo = max(0, a + 1 - m)
+    block = torch.cat([tokens[:, lo:b], lengths[:, None], done[:, None].long()], 1).tolist()  # rows: ids, end, done
+    ends: dict[int, int] = {}
+    for s in range(a, b):
+        windows = [row[max(0, s + 1 - m) - lo:s + 1 - lo] for row in block]
+        active = [r not in ends and not (row[-1] and row[-2] <= s) for r, row in enumerate(block)]
+        for r, hit in enumerate(stop_text_hits(windows, active, decode, stop_texts)):
+            if hit:
+                ends[r] = s + 1
+    return ends
+
+
+def end_rows(tokens: torch.Tensor, logprobs: torch.Tensor, done: torch.Tensor, lengths: torch.Tensor,
+             ends: dict[int, int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """End rows at the steps `ends` ({row: length}) found after the decode loop went on: their tokens after that
+    become pad_id and their log-probs 0 (in place), as if the rows had stopped there. -> done, lengths"""
+    dev = tokens.device
+    rows = torch.tensor(list(ends), dtype=torch.long, device=dev)
+    n = torch.tensor(list(ends.values()), dtype=torch.long, device=dev)
+    after = torch.arange(tokens.shape[1], device=dev)[None, :] >= n[:, None]  # (h, L)
+    tokens[rows] = tokens[rows].masked_fill(after, pad_id)
+    logprobs[rows] = logprobs[rows].masked_fill(after, 0.0)
+    return done.index_fill(0, rows, True), lengths.index_put((rows,), n)
+
+
+# ---- the decode step --------------------------------------------------------------------------------------------
+def decode_step(model, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """One decode step in static shapes: tok (R,) each row's newest id, pos (R,) its position, slot () the cache
+    slot it goes to, mask (R, S_max) over every slot of the cache or None -> logits (R, V_model) of the next token;
+    writes the cache in place. Each step has the same shapes and takes its changing values as tensors (no Python
+    int for torch.compile to specialise on), with no host sync and no branch on a tensor's value, so
+    torch.compile(fullgraph=True, dynamic=False) captures it whole and mode="reduce-overhead" replays it as a CUDA
+    graph."""
+    return model(tok[:, None], position_ids=pos[:, None], attention_mask=mask, kv_cache=cache, cache_index=slot,
+                 num_logits_to_keep=1)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(mode: str) -> Callable:
+    """decode_step under torch.compile(fullgraph=True, dynamic=False, mode=mode), one per mode, so that every call of
+    generate shares its graphs: one per shape (rows, cache slots), up to torch._dynamo.config.recompile_limit."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+
 # ---- the sampler ------------------------------------------------------------------------------------------------
-def _any_unfinished(done: torch.Tensor, sync: bool) -> bool:
-    """True while some row here (or, with sync, on any rank) has not ended. One host sync per step."""
-    flag = (~done).any().to(torch.int32)
+def steps_needed(done: torch.Tensor, lengths: torch.Tensor, L: int, sync: bool) -> int:
+    """The number of steps the output needs: the step at which the last row here (or, with sync, on any rank)
+    ended, L + 1 while some row has not. One host sync."""
+    need = torch.where(done, lengths, L + 1).max()
     if sync:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    return int(need)
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, n: int = 1, eos_ids=(), pad_id: int = 0, vocab_limit: int | None = None,
              seed: int = 0, seeds: list[int] | None = None, min_new_tokens: int = 0,
-             sync_ranks: bool | None = None, stop_texts=(), decode=None, chunk_prompts: int = 0) -> SampleOutput:
+             sync_ranks: bool | None = None, stop_texts=(), decode=None, chunk_prompts: int = 0,
+             check_every: int = 0, compile_decode: bool | str = False) -> SampleOutput:
     """Sample `n` continuations of each prompt (lists of token ids) with a KV cache; see the module docstring.
 
     temperature: 0 is greedy. top_k 0 / top_p 1.0 turn the truncations off.
@@ -152,14 +227,24 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     seed / seeds: row b*n + j draws from the stream row_seed(seed, b, j), or from seeds[b*n + j] when given.
     min_new_tokens: EOS ids cannot be chosen before this many tokens (as transformers' min_new_tokens); with
         min_new_tokens = max_new_tokens every row has exactly max_new_tokens tokens (benchmarks).
-    sync_ranks: all-reduce the stop flag across ranks each step; None = when the model is sharded (FSDP, see
-        model.is_sharded). Every rank must then call with the same max_new_tokens and the same number of chunks.
+    sync_ranks: all-reduce the steps needed across ranks at each look (check_every); None = when the model is
+        sharded (FSDP, see model.is_sharded). Every rank must then call with the same max_new_tokens, check_every
+        and number of chunks.
     chunk_prompts: decode at most this many prompts (x n rows) at a time, 0 = all at once. The prompts are
         prefilled together once (a cache of B x P slots, kept until the last chunk starts); each chunk then
         copies its rows into a cache of its own, chunk x n x (P + max_new_tokens) slots, freed before the next.
         The output is the one batch's: same prefill, same seeds, and decode steps whose numbers do not depend on
         the rows beside them (bitwise on one CPU thread, see model/linear.py and the test; with several threads
         and on CUDA, up to the rounding of kernels chosen for another batch size).
+    check_every: look at the rows on the host (stop texts; have all rows ended?) every this many decode steps: the
+        loop's only host syncs (one a look, two with stop texts); 0 = every step on the CPU (a sync costs nothing
+        there, a step much more) and every 8 on CUDA. The outputs do not depend on it; up to check_every - 1 steps
+        may run after the last row ended, and a row that completes a stop text keeps sampling until the next look,
+        then is cut back.
+    compile_decode: run the decode steps through compiled_decode_step: True for mode "reduce-overhead" (CUDA
+        graphs) on CUDA and "default" elsewhere, or a mode's name. One compile per shape (rows, P + L cache slots):
+        worth it for long decodes of a fixed shape. Off by default: eager steps attend to the slots written so far
+        only, and attention over all P + L slots rounds differently (log-probs within ~1e-5 on stories260K).
     Returns SampleOutput with L = number of decode steps run (<= max_new_tokens; fewer when all rows ended).
     """
     B, R = len(prompts), len(prompts) * n
@@ -172,6 +257,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         raise ValueError(f"bad sampling parameters temperature={temperature}, top_k={top_k}, top_p={top_p}")
     if chunk_prompts < 0:
         raise ValueError(f"chunk_prompts must be >= 0 (0: every prompt at once), got {chunk_prompts}")
+    if check_every < 0:
+        raise ValueError(f"check_every must be >= 0 (0: by device), got {check_every}")
     stop_texts = [t for t in stop_texts if t]
     if stop_texts and decode is None:
         raise ValueError("stop_texts need decode (ids -> text), e.g. tokenizer.decode")
@@ -212,8 +299,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     logits = model(ids, attention_mask=None if mask is None else mask[:, :P], kv_cache=cache,
                    num_logits_to_keep=1)[:, -1]  # (B, V_model)
 
+    step_fn = None
+    if compile_decode:
+        mode = compile_decode if isinstance(compile_decode, str) else \
+            "reduce-overhead" if dev.type == "cuda" else "default"
+        step_fn = compiled_decode_step(mode)
     decoder = _Decoder(model, L, temperature, top_k, top_p, sorted(set(eos_ids)), pad_id,
-                       vocab_limit or model.config.vocab_size, min_new_tokens, sync_ranks, stop_texts, decode)
+                       vocab_limit or model.config.vocab_size, min_new_tokens, sync_ranks, stop_texts, decode,
+                       check_every or (1 if dev.type == "cpu" else 8), step_fn)
     parts = []
     for a in range(0, B, step):
         rows = slice(a, min(a + step, B))
@@ -243,23 +336,33 @@ class _Decoder:
     sync_ranks: bool
     stop_texts: list[str]
     decode: object
+    check_every: int  # look at the host every this many steps
+    step: Callable | None  # compile_decode's compiled decode_step; None: the eager cached forward
 
-    def __call__(self, cache, logits: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor | None,
+    def __call__(self, cache: KVCache, logits: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor | None,
                  u: torch.Tensor | None, n: int) -> SampleOutput:
-        """cache: the rows' prefilled KV cache, room for L more slots; logits (R, V_model) of each row's last
-        prompt position; lens (R / n,) prompt lengths; mask (R, P + L) or None; u (R, L) the rows' uniforms."""
+        """cache: the rows' prefilled KV cache of P + L slots; logits (R, V_model) of each row's last prompt
+        position; lens (R / n,) prompt lengths; mask (R, P + L) or None; u (R, L) the rows' uniforms.
+
+        The loop keeps every flag on the device and syncs with the host only every check_every steps (stop texts,
+        then the number of steps needed). Each step's forward is the cached forward over the P + t + 1 slots
+        written so far or, with compile_decode, the compiled decode_step over all P + L."""
         model, L, pad_id = self.model, self.L, self.pad_id
         R, dev = logits.shape[0], logits.device
-        P = cache.pos
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
-        banned = self.eos_ids if self.min_new_tokens > 0 else None
+        banned = eos if self.min_new_tokens > 0 and self.eos_ids else None  # on the device once, not every step
         pos = lens.repeat_interleave(n).to(dev)  # (R,) position of the next token of each row
+        P = cache.pos
+        slot = torch.full((), P, dtype=torch.long, device=dev)  # cache slot of step 0's token
+        if self.step is not None and dev.type == "cuda":
+            for buf in cache.k + cache.v:  # CUDA graphs may write them in place; a new cache re-records, no recompile
+                torch._dynamo.mark_static_address(buf)
 
         tokens = torch.full((R, L), pad_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros(R, L, dtype=torch.float32, device=dev)
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         lengths = torch.full((R,), L, dtype=torch.long, device=dev)
-        steps = 0
+        checked, steps = 0, L  # steps [0, checked) were looked at on the host
         for t in range(L):
             scores = logits[:, :self.V].float()  # (R, V) never an id >= vocab_limit
             tok, lp = pick_tokens(scores, self.temperature, self.top_k, self.top_p, None if u is None else u[:, t],
@@ -268,18 +371,27 @@ class _Decoder:
             tokens[:, t] = tok
             logprobs[:, t] = lp.masked_fill(done, 0.0)
             ended = torch.isin(tok, eos) & ~done  # (R,) rows whose first EOS is this token
-            if self.stop_texts:  # rows whose text now contains a stop text (none did before this token)
-                lo = max(0, t + 1 - max(map(len, self.stop_texts)))
-                hit = stop_text_hits(tokens[:, lo:t + 1].tolist(), (~done).tolist(), self.decode, self.stop_texts)
-                ended = ended | torch.tensor(hit, device=dev)
             lengths = torch.where(ended, t + 1, lengths)
             done = done | ended
-            steps = t + 1
-            if steps == L or not _any_unfinished(done, self.sync_ranks):
+            if t + 1 == L or (t + 1) % self.check_every == 0:
+                if self.stop_texts:  # rows whose text contains a stop text since the last look
+                    ends = stop_text_ends(tokens, done, lengths, checked, t + 1, self.decode, self.stop_texts)
+                    if ends:
+                        done, lengths = end_rows(tokens, logprobs, done, lengths, ends, pad_id)
+                checked = t + 1
+                needed = steps_needed(done, lengths, L, self.sync_ranks)
+                if needed <= t + 1:  # every row (on every rank) has ended, maybe a few steps ago
+                    steps = needed
+                    break
+            if t + 1 == L:
                 break
-            logits = model(tok[:, None], position_ids=(pos + t)[:, None],
-                           attention_mask=None if mask is None else mask[:, :P + t + 1],
-                           kv_cache=cache, num_logits_to_keep=1)[:, -1]
+            if self.step is not None:  # the compiled static-shape step
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs (logits) are consumed
+                logits = self.step(model, cache, tok, pos + t, slot + t, mask)
+            else:  # eager: attend to the P + t + 1 slots written so far
+                logits = model(tok[:, None], position_ids=(pos + t)[:, None],
+                               attention_mask=None if mask is None else mask[:, :P + t + 1],
+                               kv_cache=cache, num_logits_to_keep=1)[:, -1]
         lengths = torch.where(done, lengths, steps)
         return SampleOutput(tokens[:, :steps], logprobs[:, :steps], lengths, done, pos.clone())
 

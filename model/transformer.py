@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -15,13 +16,55 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, KVCacheAt
 from .linear import Linear
+from .varlen import pad, take_rows, unpad_index
 
 try:  # optional fused kernels on CUDA; SDPA everywhere else
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # ImportError, or a broken CUDA build
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+
+
+def varlen_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """flash_attn_varlen_func where it runs (flash-attn importable, CUDA, fp16 / bf16 compute), else None (SDPA)."""
+    if flash_attn_varlen_func is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_varlen_func
+    return None
+
+
+class Varlen(NamedTuple):
+    """A padded batch's real tokens for a varlen kernel (see model/varlen.py); the T queries are the last T of the
+    S key slots, so a row's real queries are its last real keys."""
+    kernel: Callable  # flash_attn_varlen_func's signature
+    q_index: torch.Tensor  # (Nq,) real queries in the flattened (B * T)
+    k_index: torch.Tensor  # (Nk,) real keys in the flattened (B * S)
+    cu_q: torch.Tensor  # (B + 1,) int32
+    cu_k: torch.Tensor  # (B + 1,) int32
+    max_q: int
+    max_k: int
+
+
+def varlen_mask(kernel: Callable, attention_mask: torch.Tensor, T: int) -> Varlen:
+    """attention_mask (B, S) over every key slot, the queries its last T -> the Varlen of that batch."""
+    k_index, cu_k, max_k = unpad_index(attention_mask)
+    if attention_mask.shape[1] == T:  # no cache before these tokens: queries and keys are the same tokens
+        return Varlen(kernel, k_index, k_index, cu_k, cu_k, max_k, max_k)
+    q_index, cu_q, max_q = unpad_index(attention_mask[:, -T:])
+    return Varlen(kernel, q_index, k_index, cu_q, cu_k, max_q, max_k)
+
+
+def varlen_attention(q, k, v, vl: Varlen):
+    """q (B, H, T, hd), k, v (B, KV, S, hd) -> (B, T, H * hd): the varlen kernel on the real tokens only, causal
+    (flash-attn aligns it bottom-right: query i of a row of Lq real queries over Lk real keys sees keys up to
+    Lk - Lq + i, its own slot), grouped-query heads as they are; zeros at padding positions."""
+    B, _, T, _ = q.shape
+    dtype = v.dtype  # under autocast q and k leave RoPE in fp32 while v is in the compute dtype; SDPA casts alike
+    qu = take_rows(q.transpose(1, 2), vl.q_index).to(dtype)  # (Nq, H, hd)
+    ku = take_rows(k.transpose(1, 2), vl.k_index).to(dtype)  # (Nk, KV, hd)
+    vu = take_rows(v.transpose(1, 2), vl.k_index)
+    y = vl.kernel(qu, ku, vu, vl.cu_q, vl.cu_k, vl.max_q, vl.max_k, causal=True)  # (Nq, H, hd)
+    return pad(y, vl.q_index, B, T).reshape(B, T, -1)
 
 
 class RMSNorm(nn.Module):
@@ -64,6 +107,16 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE. On CUDA in fp16 / bf16 with flash-attn installed, a padded prefill or
+    training forward runs flash-attn's varlen kernel on the real tokens (no (B, 1, T, S) mask) and an unpadded one
+    flash_attn_func; everything else runs SDPA.
+
+    Decode steps with a cache stay on SDPA with a (B, 1, 1, S) mask. flash_attn_with_kvcache wants each row's keys
+    in one run of slots ([cache_leftpad, cache_seqlens), in a (B, S_max, KV, hd) buffer), while the rows here share
+    one write pointer in a (B, KV, S_max, hd) buffer and may have padding slots wherever the caller's mask says
+    (left-padded prompts; the recommender's prefix, padding, suffix): a mask of that one-run form cannot be told
+    from another without a host sync per step, which the sampler's decode loop is written to avoid."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -89,7 +142,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, S, hd), views into the preallocated buffers
-        if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) \
+        if isinstance(mask, Varlen):
+            y = varlen_attention(q, k, v, mask)
+        elif flash_attn_func is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) \
                 and isinstance(mask, str):
             # flash-attn aligns the causal mask bottom-right, right for a prefill or a decode step alike
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask == "causal")
@@ -191,7 +246,8 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache: KVCache | None = None,
-                num_logits_to_keep: int = 0, return_hidden: bool = False, head=None):
+                num_logits_to_keep: int = 0, return_hidden: bool = False, head=None,
+                cache_index: torch.Tensor | None = None):
         """input_ids (B, T) -> logits (B, T, V) (or the last `num_logits_to_keep` positions).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding over ALL key positions, i.e. the cache
@@ -202,23 +258,45 @@ class Transformer(nn.Module):
         head: a function (hidden (B, T', D), lm_head) -> anything, returned in place of lm_head(hidden); it runs
             inside forward's autocast and, under FSDP, while the root's parameters (the lm_head) are gathered.
             For log-probs a chunk of positions at a time, without the whole logit block (rl/logprobs.py).
+        cache_index: a 0-d long tensor: the static-shape form of a cached forward, for a decode step that
+            torch.compile and CUDA graphs capture (model/sampler.py's decode_step). The keys/values of these T
+            tokens go to slots [cache_index, cache_index + T) and attention reads all kv_cache.max_len slots;
+            attention_mask is then (B, max_len) over every slot (the slots after the new tokens are hidden whatever
+            it says); position_ids default to cumsum(attention_mask) - 1 at the new slots (cache_index + arange(T)
+            without a mask); kv_cache.pos is neither read nor moved. No host sync, no branch on a tensor's values.
         """
         B, T = input_ids.shape
-        past = kv_cache.pos if kv_cache is not None else 0
         dev = input_ids.device
+        static = cache_index is not None
+        if static and kv_cache is None:
+            raise ValueError("cache_index needs a kv_cache")
+        past = 0 if kv_cache is None or static else kv_cache.pos
+        S = kv_cache.max_len if static else past + T  # key slots
         if attention_mask is not None:
             attention_mask = attention_mask.to(dev, torch.bool)
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         if position_ids is None:
-            if attention_mask is not None:
+            if static:
+                slots = cache_index + torch.arange(T, device=dev)  # (T,)
+                position_ids = slots.expand(B, T) if attention_mask is None else \
+                    (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
+            elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
 
-        mask = self._attention_mask(attention_mask, past, T, dev)
         with self._autocast(dev):
-            x = self._layers(input_ids, position_ids, mask, kv_cache, num_logits_to_keep)  # (B, T', D)
+            if static:
+                mask, cache = self._static_mask(attention_mask, cache_index, T, S, dev), kv_cache.at(cache_index)
+            else:
+                kernel = None
+                if attention_mask is not None and T > 1:  # a padded prefill or training forward: varlen if it runs
+                    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else \
+                        self.compute_dtype()
+                    kernel = varlen_kernel(dev, dtype)
+                mask, cache = self._attention_mask(attention_mask, past, T, dev, kernel), kv_cache
+            x = self._layers(input_ids, position_ids, mask, cache, num_logits_to_keep)  # (B, T', D)
             if head is not None:
                 return head(x, self.lm_head)
             return x if return_hidden else self.lm_head(x)
@@ -236,7 +314,7 @@ class Transformer(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(dev.type, dtype=self.autocast_dtype)
 
-    def _layers(self, input_ids, position_ids, mask, kv_cache: KVCache | None, num_logits_to_keep: int):
+    def _layers(self, input_ids, position_ids, mask, kv_cache: KVCache | KVCacheAt | None, num_logits_to_keep: int):
         """Embeddings, blocks and the final norm: (B, T) ids -> (B, T', D) hidden states, T' = num_logits_to_keep
         or T."""
         T = input_ids.shape[1]
@@ -260,8 +338,21 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     @staticmethod
-    def _attention_mask(attention_mask, past: int, T: int, dev):
-        """'causal' (let the kernel build it), None (a single query sees every key), or a bool (B, 1, T, S) mask."""
+    def _static_mask(attention_mask, index: torch.Tensor, T: int, S: int, dev):
+        """The bool (B or 1, 1, T, S) mask of a static-shape forward: the query at slot index + i sees the slots up
+        to its own that attention_mask (B, S) allows, and always itself. No Python branch on index's value."""
+        k_slot = torch.arange(S, device=dev)[None, :]  # (1, S)
+        q_slot = (index + torch.arange(T, device=dev))[:, None]  # (T, 1)
+        allowed = k_slot <= q_slot  # (T, S)
+        if attention_mask is not None:
+            allowed = allowed[None] & attention_mask[:, None, :]  # (B, T, S)
+        allowed = allowed | (k_slot == q_slot)
+        return allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
+
+    @staticmethod
+    def _attention_mask(attention_mask, past: int, T: int, dev, kernel: Callable | None = None):
+        """'causal' (let the kernel build it), None (a single query sees every key), a Varlen (padded tokens and a
+        varlen kernel) or a bool (B, 1, T, S) mask."""
         if T == 1 and attention_mask is not None and past > 0:
             # a decode step with a mask (the sampler passes one only when prompts were padded): no host sync on
             # .all(), which would also break a torch.compile graph; the new token (the last key, S - 1) always
@@ -275,6 +366,8 @@ class Transformer(nn.Module):
                 return "causal" if T > 1 else None
             if T == 1:
                 return None
+        if kernel is not None and attention_mask is not None and T > 1:
+            return varlen_mask(kernel, attention_mask, T)
         S = past + T
         q_pos = torch.arange(past, S, device=dev)[:, None]  # (T, 1) absolute query positions
         k_pos = torch.arange(S, device=dev)[None, :]  # (1, S)

@@ -249,6 +249,128 @@ def test_decode_step_mask_without_host_sync_equals_general_mask():
     assert not mask[:, -1].any()  # the caller's mask is left untouched
 
 
+def test_static_decode_step_equals_cached_forward(family):
+    """cache_index (the capturable decode step): keys written at a tensor slot, attention over every slot of the
+    cache with the unwritten ones hidden, positions from the mask over every slot; the logits of the usual cached
+    forward, and `pos` untouched."""
+    _, path, _ = family
+    m = load_model(path)
+    ids, mask = left_padded_batch()
+    T, extra = ids.shape[1], 3  # slots beyond the last token stay unwritten and hidden
+    slots_mask = torch.cat([mask, torch.ones(3, extra, dtype=mask.dtype)], 1)  # (B, T + extra) over every slot
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+        cache = m.new_cache(batch=3, max_len=T + extra)
+        out = [m(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
+        for t in range(6, T):
+            out.append(m(ids[:, t:t + 1], attention_mask=slots_mask, kv_cache=cache, cache_index=torch.tensor(t)))
+        assert cache.pos == 6
+        with pytest.raises(ValueError, match="expected"):
+            m(ids[:, :1], attention_mask=mask, kv_cache=cache, cache_index=torch.tensor(T))
+    step = torch.cat(out, dim=1)
+    real = mask.bool()
+    assert (step[real] - full[real]).abs().max() <= 1e-4
+
+
+# ---- flash-attn's varlen path, with a reference kernel in its place ------------------------------------------------
+def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                               causal=False):
+    """flash_attn_varlen_func's contract in plain PyTorch, one sequence at a time: q (Nq, H, hd), k, v (Nk, KV, hd)
+    packed rows; the causal mask aligned bottom-right (query i of Lq sees keys up to Lk - Lq + i). -> (Nq, H, hd)"""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    for b in range(len(cu_seqlens_q) - 1):
+        q0, q1, k0, k1 = (int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(cu_seqlens_k[b]),
+                          int(cu_seqlens_k[b + 1]))
+        if q1 == q0:
+            continue
+        allowed = None
+        if causal:
+            allowed = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), attn_mask=allowed,
+            enable_gqa=True)  # (H, Lq, hd)
+        out[q0:q1] = y.transpose(0, 1)
+    return out
+
+
+def test_unpad_pad_round_trip():
+    from model.varlen import pad, unpad
+
+    x = torch.randn(4, 6, 3, 2, requires_grad=True)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 1]])
+    xu, indices, cu, longest = unpad(x, mask)
+    assert torch.equal(xu, x[mask.bool()]) and xu.shape == (11, 3, 2)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 4, 7, 7, 11] and longest == 4
+    back = pad(xu, indices, 4, 6)
+    assert torch.equal(back, x * mask[:, :, None, None])
+    back.sum().backward()
+    assert torch.equal(x.grad, mask[:, :, None, None].float().expand_as(x))  # gradients reach the real tokens only
+
+
+def right_padded(ids, mask):
+    """The left-padded batch with each row's real tokens moved to the front."""
+    order = torch.argsort(1 - mask, dim=1, stable=True)  # real positions first, in order
+    return ids.gather(1, order), mask.gather(1, order)
+
+
+def test_varlen_path_equals_dense_sdpa(family, monkeypatch):
+    """Where flash_attn_varlen_func would run (CUDA, bf16), a plain-PyTorch kernel with its contract runs instead
+    on the CPU: logits at the real positions and gradients equal the dense-mask SDPA path, for left padding, right
+    padding, both (prompt then completion, as in RL), a prefill into a KV cache followed by decode steps, new
+    tokens after a cached prefix (queries fewer than keys: the bottom-right alignment), and a training forward and
+    backward with activation checkpointing."""
+    from model import transformer
+
+    _, path, _ = family
+    m = load_model(path)
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs["causal"])
+        return varlen_attention_reference(*args, **kwargs)
+
+    left = left_padded_batch()
+    ids, mask = left
+    completion_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])  # right-padded completions
+    both = torch.cat([ids, ids[:, :4]], 1), torch.cat([mask, completion_mask], 1)
+    prefix = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(2))
+
+    def run(ids, mask):
+        with torch.no_grad():
+            logits = m(ids, attention_mask=mask)  # (B, T, V)
+            cache = m.new_cache(3, ids.shape[1])
+            steps = [m(ids[:, :9], attention_mask=mask[:, :9], kv_cache=cache)]
+            for t in range(9, ids.shape[1]):
+                steps.append(m(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache))
+            cache = m.new_cache(1, 5)
+            m(prefix, kv_cache=cache)
+            cache = cache.repeat_interleave(3, max_len=5 + ids.shape[1])  # [prefix][padding][suffix] key slots
+            after = m(ids, attention_mask=torch.cat([torch.ones(3, 5, dtype=mask.dtype), mask], 1), kv_cache=cache)
+        m.zero_grad()
+        m.train()
+        m.gradient_checkpointing = True  # the backward recomputes each block, varlen kernel included
+        loss = m(ids, attention_mask=mask)[mask.bool()].pow(2).mean()
+        loss.backward()
+        m.eval()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters()])
+        return logits, torch.cat(steps, 1), after, grads
+
+    for batch in (left, right_padded(*left), both):
+        dense = run(*batch)
+        assert not calls
+        with monkeypatch.context() as mp:
+            mp.setattr(transformer, "varlen_kernel", lambda device, dtype: kernel)
+            varlen = run(*batch)
+        n_layers = m.config.num_hidden_layers
+        # full forward, prefill, after the prefix, training forward and its recomputation in the backward
+        assert calls == [True] * (5 * n_layers)
+        calls.clear()
+        real = batch[1].bool()
+        for d, v in zip(dense[:3], varlen[:3]):
+            assert (d[real] - v[real]).abs().max() <= 1e-5
+        assert torch.allclose(dense[3], varlen[3], atol=1e-6)
+
+
 # Qwen3's chat template, cut to what decides thinking: the empty <think> block after the generation prompt
 QWEN3_CHAT = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
               "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"

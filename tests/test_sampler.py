@@ -347,6 +347,82 @@ def test_compiled_sampler_no_recompile_per_step(stories):
     torch._dynamo.reset()
 
 
+def test_check_every_leaves_the_outputs_alone(stories):
+    """The decode loop looks at the host (stop texts, have all rows ended?) every check_every steps: tokens,
+    log-probs, lengths and finished flags are bitwise those of looking every step, with rows ending by EOS and by a
+    stop text at different steps; at most check_every - 1 forwards run after the last row ended."""
+    from model import sampler
+
+    model, tok = stories
+    prompts = [tok.encode(t) for t in TEXTS]
+    kw = dict(temperature=1.0, top_p=0.95, n=3, eos_ids=tok.eos_ids + [426], pad_id=tok.pad_token_id, seed=7,
+              min_new_tokens=2, stop_texts=[" and", "was"], decode=tok.decode)
+    calls, looks = [], []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    real_steps_needed = sampler.steps_needed
+    sampler.steps_needed = lambda *a: looks.append(1) or real_steps_needed(*a)
+    try:
+        outs = {}
+        for every in (1, 3, 5, 40):
+            calls.clear(), looks.clear()
+            outs[every] = generate(model, prompts, 40, check_every=every, **kw)
+            steps = outs[every].tokens.shape[1]
+            assert len(calls) <= steps + every - 1 and len(looks) == -(-len(calls) // every)
+    finally:
+        hook.remove()
+        sampler.steps_needed = real_steps_needed
+    one = outs[1]
+    texts = [tok.decode(c) for c in one.completions()]
+    by_stop = [t.endswith((" and", "was")) for t in texts]
+    assert any(by_stop) and not all(by_stop) and one.finished.all()  # both kinds of ending, at different steps
+    assert len(set(one.lengths.tolist())) > 3
+    for every in (3, 5, 40):
+        for name in ("tokens", "logprobs", "lengths", "finished", "prompt_lens"):
+            assert torch.equal(getattr(outs[every], name), getattr(one, name)), (every, name)
+    with pytest.raises(ValueError, match="check_every"):
+        generate(model, prompts, 4, check_every=-1)
+
+
+def check_compiled_decode(model, tok):
+    """generate(compile_decode=True) captures the decode step whole (fullgraph=True, dynamic=False: a graph break
+    fails) once for a shape; every step replays it, also in the next call of that shape; greedy tokens equal the
+    eager loop's (whose steps attend to the slots written so far, not to all P + L). -> the largest log-prob
+    difference"""
+    from torch._dynamo.utils import counters
+
+    prompts = [tok.encode(t) for t in TEXTS]  # different lengths: each step carries a padding mask
+    kw = dict(temperature=0, eos_ids=(), pad_id=0, vocab_limit=tok.vocab_size)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        out = generate(model, prompts, 12, compile_decode=True, **kw)
+        again = generate(model, prompts, 12, compile_decode=True, **kw)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    eager = generate(model, prompts, 12, **kw)
+    assert torch.equal(out.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+    return float((out.logprobs - eager.logprobs).abs().max())
+
+
+def test_decode_step_is_captured_whole(stories, monkeypatch):
+    """The decode step under torch.compile(fullgraph=True, dynamic=False) with the aot_eager backend: Dynamo's
+    capture and AOTAutograd's handling of the in-place cache writes, without Inductor's code generation (seconds,
+    not minutes); log-probs within 1e-4 of the eager loop's (attention over more, masked, slots rounds
+    differently)."""
+    from model import sampler
+
+    monkeypatch.setattr(sampler, "compiled_decode_step", lambda mode: torch.compile(
+        sampler.decode_step, fullgraph=True, dynamic=False, backend="aot_eager"))
+    assert check_compiled_decode(*stories) <= 1e-4
+
+
+@pytest.mark.slow  # Inductor compiles for 1-2 minutes on the CPU
+def test_compile_decode_with_inductor(stories):
+    """compile_decode=True as users run it (Inductor): one graph, the eager tokens, log-probs within 1e-4."""
+    assert check_compiled_decode(*stories) <= 1e-4
+
+
 def test_stop_texts_end_rows_where_the_text_first_appears(stories):
     """A multi-token stop text ends a row at the first token whose decoded prefix contains it (computed here on
     the whole prefix, independently of the sampler's window); the tokens before are unchanged and the row counts
