@@ -17,10 +17,13 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, global_tokens: torch.Tensor
     return -(logp * mask).sum() / global_tokens
 
 
-def best_of_n(rewards: torch.Tensor, failed: torch.Tensor, min_reward: float) -> list[int]:
-    """rewards, failed: (B, N) per prompt and sample -> for each prompt the index of its best sample that parsed
-    and reached min_reward, or -1 when none did. Ties go to the first sample."""
-    score = torch.where(failed | (rewards < min_reward), torch.full_like(rewards, float("-inf")), rewards)
+def best_of_n(rewards: torch.Tensor, min_reward: float, failed: torch.Tensor | None = None) -> list[int]:
+    """rewards: (B, N) per prompt and sample -> for each prompt the index of its best sample with reward >=
+    min_reward, or -1 when none has. failed (B, N), when given: format failures are never kept (without it a
+    graded failure reward ranks the partial formats of a writer that cannot yet write the whole one). Ties go to
+    the first sample."""
+    bad = rewards < min_reward if failed is None else failed | (rewards < min_reward)
+    score = torch.where(bad, torch.full_like(rewards, float("-inf")), rewards)
     best = score.argmax(dim=1)  # (B,)
     keep = torch.isfinite(score.gather(1, best[:, None]))[:, 0]
     return torch.where(keep, best, torch.full_like(best, -1)).tolist()

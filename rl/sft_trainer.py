@@ -44,7 +44,10 @@ class SFTConfig(loop.RunConfig, EnvConfig):
     samples: int = field(default=8, metadata={"help": "best-of-n: samples per prompt (N)"})
     temperature: float = 1.0
     min_reward: float = field(default=0.0, metadata={
-        "help": "best-of-n: a prompt's best sample is kept only if it parsed and its reward is at least this"})
+        "help": "best-of-n: a prompt's best sample is kept only if its reward is at least this"})
+    keep_failed: bool = field(default=False, metadata={
+        "help": "best-of-n: format failures may be kept too (with --format-reward graded, the most complete "
+                "formats of a writer that cannot yet write the whole one)"})
     sample_chunk_prompts: int = field(default=8, metadata={"help": "best-of-n: prompts decoded at once"})
     batch_pairs: int = field(default=8, metadata={"help": "pairs per optimizer step, over all ranks"})
     micro_batch_rows: int = 4
@@ -83,7 +86,8 @@ def with_eos(ids: list[int], eos: int) -> list[int]:
 
 def best_of_n_pairs(cfg: SFTConfig, models: loop.Models, env: Env, d: dist.Dist) -> tuple[list[Pair], dict]:
     """Sample N completions for each of the first --prompts training prompts (the seeded order of step 0), score
-    them with the environment, keep each prompt's best that parsed with reward >= --min-reward. Every rank samples
+    them with the environment, keep each prompt's best with reward >= --min-reward (and that parsed, unless
+    --keep-failed). Every rank samples
     its share of the prompts; the kept pairs are gathered in prompt order."""
     n_prompts = min(cfg.prompts, env.num_prompts())
     pool = loop.step_indices(0, n_prompts, env.num_prompts(), cfg.seed)
@@ -104,7 +108,7 @@ def best_of_n_pairs(cfg: SFTConfig, models: loop.Models, env: Env, d: dist.Dist)
     info = env.score(episodes, d)
     rewards = torch.stack([e.rewards for e in episodes])  # (B, N)
     failed = torch.stack([e.failed for e in episodes])
-    best = best_of_n(rewards, failed, cfg.min_reward)
+    best = best_of_n(rewards, cfg.min_reward, None if cfg.keep_failed else failed)
     eos = tok.eos_ids[0]
     kept = {p: Pair(e.prompt_ids, with_eos(e.completions[j], eos), e.texts[j], float(e.rewards[j]))
             for p, e, j in zip(mine, episodes, best) if j >= 0}
@@ -169,8 +173,10 @@ def make_pairs(cfg: SFTConfig, models: loop.Models, env: Env | None, run: loop.R
     else:
         pairs, summary = best_of_n_pairs(cfg, models, env, d)
     if not pairs:
-        raise DataError(f"best-of-n kept no pair: no prompt's best of {cfg.samples} samples parsed with reward >= "
-                        f"{cfg.min_reward} (lower --min-reward, or raise --samples or --prompts)")
+        raise DataError(f"best-of-n kept no pair: no prompt's best of {cfg.samples} samples {'' if cfg.keep_failed else 'parsed with '}"
+                        f"reward >= {cfg.min_reward} (sample reward {summary.get('sample_reward_mean', float('nan')):.3f}, "
+                        f"failures {summary.get('sample_failure_rate', float('nan')):.0%}; lower --min-reward, add "
+                        f"--keep-failed, or raise --samples or --prompts)")
     summary["pairs"] = len(pairs)
     run.tracker.scalars(summary, 0, prefix="sft_data/")
     if d.is_main:

@@ -44,12 +44,13 @@ def test_sft_loss_is_token_mean_cross_entropy():
     assert torch.allclose(ours, nll / count, atol=1e-5), (float(ours), float(nll / count))
 
 
-def test_best_of_n_keeps_the_best_parsed_sample_above_the_floor():
+def test_best_of_n_keeps_the_best_sample_above_the_floor():
     rewards = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3], [0.95, -1.0, 0.1], [-0.5, -0.2, -0.9]])
     failed = torch.tensor([[False, False, False], [True, False, False], [True, True, True], [False, False, False]])
-    assert best_of_n(rewards, failed, min_reward=0.0) == [1, 2, -1, -1]
-    assert best_of_n(rewards, failed, min_reward=-1.0) == [1, 2, -1, 1]
-    assert best_of_n(torch.tensor([[0.5, 0.5]]), torch.tensor([[False, False]]), 0.0) == [0]
+    assert best_of_n(rewards, 0.0, failed) == [1, 2, -1, -1]
+    assert best_of_n(rewards, -1.0, failed) == [1, 2, -1, 1]
+    assert best_of_n(rewards, -1.0) == [1, 0, 0, 1]  # failures may be kept: the best reward wins
+    assert best_of_n(torch.tensor([[0.5, 0.5]]), 0.0, torch.tensor([[False, False]])) == [0]
 
 
 def toy_env_reward(model_dir_or_model, env: TokenShareEnv, tok, n=8, tokens=12):

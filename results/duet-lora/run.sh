@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# DUET on the synthetic catalogue with LoRA: SFT on the writer's own best-of-8 samples, then GRPO on that adapter,
-# evaluated on 512 test examples against 10H and the zero-shot writer (SmolLM2-135M-Instruct writes and rates).
+# DUET on the synthetic catalogue with LoRA: SFT on template teacher profiles (scripts/make_sft_pairs.py: DUET's
+# format, the user's rounded average), then GRPO on that adapter, evaluated on 512 test examples against 10H and
+# the zero-shot writer (SmolLM2-135M-Instruct writes and rates).
 # Every stage is skipped when its output exists and GRPO resumes, so an interrupted run continues where it stopped:
 #   bash results/duet-lora/run.sh [SEED]      (SEED: the synthetic catalogue's seed, default 0)
 # Outputs: runs/duet-lora-s$SEED/{sft,grpo}, results/duet-lora/s$SEED/{10h,zero-shot,sft,grpo}.
@@ -10,7 +11,7 @@ M=smollm2-135m-instruct
 DATA=out/data/synthetic-seed$SEED
 RUNS=runs/duet-lora-s$SEED
 OUT=results/duet-lora/s$SEED
-GRPO_STEPS=${GRPO_STEPS:-20}
+GRPO_STEPS=${GRPO_STEPS:-15}
 TASK=(--user-history 8 --item-history 3 --review-chars 60 --max-new-tokens 160 --response-prefix "<user_profile><cue>")
 LORA=(--lora-rank 16 --lora-alpha 32)
 [ -d $DATA ] || python scripts/prepare_data.py --source synthetic --seed $SEED --out $DATA --no-progress
@@ -21,13 +22,15 @@ ev() {  # ev NAME [writer flags]: 512 fixed test examples, the writer prompted a
     --response-prefix "<user_profile><cue>" --out $OUT/$name "$@"
 }
 ev 10h --method 10h
-[ -f $RUNS/sft/checkpoints/step_24/adapter/adapter_model.safetensors ] || \
+[ -f $RUNS/teacher.jsonl ] || python scripts/make_sft_pairs.py --data $DATA --out $RUNS/teacher.jsonl --targets 64 \
+  --user-history 8 --item-history 3 --review-chars 60
+[ -f $RUNS/sft/checkpoints/step_16/adapter/adapter_model.safetensors ] || \
   python scripts/train_sft.py --data $DATA --run-dir $RUNS/sft "${TASK[@]}" "${LORA[@]}" --lr 2e-4 \
-    --prompts 48 --samples 8 --min-reward -0.5 --max-steps 24 --save-every 12 --val-every 0
+    --source jsonl --pairs $RUNS/teacher.jsonl --max-steps 16 --save-every 16 --val-every 0
 python scripts/train_grpo.py --data $DATA --run-dir $RUNS/grpo "${TASK[@]}" "${LORA[@]}" --lr 1e-4 \
-  --init-adapter $RUNS/sft/checkpoints/step_24/adapter --max-steps $GRPO_STEPS --save-every 5 --val-every 0 --resume
+  --init-adapter $RUNS/sft/checkpoints/step_16/adapter --max-steps $GRPO_STEPS --save-every 5 --val-every 0 --resume
 ev grpo --method duet --generator $M --adapter $RUNS/grpo/checkpoints/step_$GRPO_STEPS/adapter
 ev zero-shot --method duet --generator $M
-ev sft --method duet --generator $M --adapter $RUNS/sft/checkpoints/step_24/adapter
+ev sft --method duet --generator $M --adapter $RUNS/sft/checkpoints/step_16/adapter
 for x in zero-shot sft grpo; do python scripts/evaluate.py --paired $OUT/10h $OUT/$x --fallback; done
 for x in sft grpo; do python scripts/evaluate.py --paired $OUT/zero-shot $OUT/$x --fallback; done
