@@ -154,3 +154,31 @@ def test_resume_equals_uninterrupted_and_grpo_continues_the_adapter(tmp_path):
     grpo_train(g)
     c = adapter_tensors(tmp_path / "g", 1)
     assert c.keys() == a.keys() and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # lr 1e-9: unmoved
+
+
+def test_teacher_pairs_are_the_env_prompts_with_a_parsable_answer(tmp_path, capsys):
+    """scripts/make_sft_pairs.py: each pair's messages are the DUET environment's prompt for a training target (in
+    the trainers' seeded order), and prefix + completion parses, stating the user's rounded average before the
+    target (never the target's rating)."""
+    from data import load_dataset
+    from data.history import HistoryIndex
+    from data.prompts import parse_duet
+    from eval.profiles import HistoryOptions, profile_messages
+    from rl.loop import step_indices
+    from tests.tiny import script_function, tiny_dataset
+
+    data = tiny_dataset(tmp_path / "data")
+    out = tmp_path / "pairs.jsonl"
+    script_function("make_sft_pairs", "main")(["--data", str(data), "--out", str(out), "--targets", "5",
+                                               "--user-history", "6", "--item-history", "2", "--review-chars", "40"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    ds = load_dataset(data)
+    hx = HistoryIndex(ds)
+    train = [x for x in ds.split("train") if len(hx.user_history(x.user_id, x.timestamp, 5)) >= 5]
+    targets = [train[i] for i in step_indices(0, 5, len(train), 0)]
+    assert len(rows) == 5
+    for r, x in zip(rows, targets):
+        assert r["messages"] == profile_messages("duet", hx, ds, x, HistoryOptions(6, 2, 40))
+        parsed, reason = parse_duet("<user_profile><cue>" + r["completion"])
+        assert reason == "ok", reason
+        assert parsed.user_profile == f"Usually rates {round(hx.user_average(x.user_id, x.timestamp))}/5."
