@@ -205,17 +205,12 @@ def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path,
 
 def train(cfg: DPOConfig, preset: str | None = None) -> dict:
     """DPO on the pairs of run_dir/pairs.jsonl: every step is one update; validation and checkpoints every few."""
-    cfg.check()
-    d = dist.setup(cfg.device or None, cfg.fsdp)
-    loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)  # the pairs split over the ranks
-    torch.manual_seed(cfg.seed)
+    d, resume_from, models = loop.begin(cfg, cfg.pairs_per_step, cfg.pairs_per_step)  # the pairs split over ranks
     ds, hx = lettingo.dataset(cfg)
     pairs = lettingo.read_jsonl(lettingo.files(cfg)["pairs"], "pairs")
     if not pairs:
         raise ValueError(f"{lettingo.files(cfg)['pairs']} holds no pairs: explore more candidates or lower "
                          f"--pair-margin")
-    resume_from = loop.resume_point(cfg)
-    models = loop.build_models(cfg, resume_from, d)
     encoded = encode_pairs(pairs, models.tokenizer, ds, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
                              reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg),

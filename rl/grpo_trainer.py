@@ -118,12 +118,7 @@ PRESETS = {
 
 def train(cfg: GRPOConfig, preset: str | None = None, env: Env | None = None) -> dict:
     """The GRPO run: every step is rollout + update; validation and checkpoints every few steps."""
-    cfg.check()
-    d = dist.setup(cfg.device or None, cfg.fsdp)
-    loop.rank_share(cfg.prompts_per_step, cfg.mini_batch_prompts, d)  # the batch splits over the ranks
-    torch.manual_seed(cfg.seed)
-    resume_from = loop.resume_point(cfg)
-    models = loop.build_models(cfg, resume_from, d)
+    d, resume_from, models = loop.begin(cfg, cfg.prompts_per_step, cfg.mini_batch_prompts)
     env = env or make_env(cfg, models, d)
     updates_per_step = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.mini_batch_prompts)
     run = loop.start_run(cfg, d, models, resume_from, updates_per_step, preset)

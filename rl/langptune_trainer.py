@@ -362,10 +362,7 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
 
 def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     """The alternation: for each iteration, profiles -> recommender -> item embeddings -> writer -> validation."""
-    cfg.check()
-    d = dist.setup(cfg.device or None, cfg.fsdp)
-    loop.rank_share(cfg.prompts_per_step, cfg.prompts_per_step, d)  # the writer's batch splits over the ranks
-    torch.manual_seed(cfg.seed)
+    d, resume_from, models = loop.begin(cfg, cfg.prompts_per_step, cfg.prompts_per_step)  # the writer and its reference
     from .lettingo import dataset
 
     ds, hx = dataset(cfg)
@@ -374,8 +371,6 @@ def train(cfg: LangPTuneConfig, preset: str | None = None) -> dict:
     if not train_targets or not valid_targets:
         raise ConfigError(f"no training or validation target rated >= --min-rating {cfg.min_rating} with "
                           f"--min-history {cfg.min_history} items before it")
-    resume_from = loop.resume_point(cfg)
-    models = loop.build_models(cfg, resume_from, d)  # the writer and its reference
     rec_source = str(resume_from / "recommender") if resume_from else (cfg.rec_model or cfg.model)
     scorer = (RetrievalScorer if cfg.rec_kind == "retrieval" else RatingScorer)(cfg, ds, hx, d, rec_source)
     start = checkpoints.load_training_state(resume_from, models.policy, None, None, d)["step"] if resume_from else 0

@@ -211,6 +211,17 @@ def load_on_ranks(source, dtype: torch.dtype, d: dist.Dist, compute: torch.dtype
     return dist.load_shards(model, path, extra).eval()
 
 
+def begin(cfg, n_global: int, mini: int) -> tuple[dist.Dist, Path | None, Models]:
+    """A run's first lines: the flags checked, the process group, the batch's split over the ranks checked (n_global
+    rows in mini-batches of mini), the seed, the checkpoint to resume from (or None), the models."""
+    cfg.check()
+    d = dist.setup(cfg.device or None, cfg.fsdp)
+    rank_share(n_global, mini, d)
+    torch.manual_seed(cfg.seed)
+    resume_from = resume_point(cfg)
+    return d, resume_from, build_models(cfg, resume_from, d)
+
+
 @dataclass
 class Run:
     """A training run's state outside the model: optimizer, schedule, logger, and the steps this process runs."""

@@ -187,12 +187,7 @@ def make_pairs(cfg: SFTConfig, models: loop.Models, env: Env | None, run: loop.R
 
 def train(cfg: SFTConfig, preset: str | None = None, env: Env | None = None) -> dict:
     """The SFT run: make (or read back) the pairs, then fit them; validation and checkpoints every few steps."""
-    cfg.check()
-    d = dist.setup(cfg.device or None, cfg.fsdp)
-    loop.rank_share(cfg.batch_pairs, cfg.batch_pairs, d)  # the batch splits over the ranks
-    torch.manual_seed(cfg.seed)
-    resume_from = loop.resume_point(cfg)
-    models = loop.build_models(cfg, resume_from, d)
+    d, resume_from, models = loop.begin(cfg, cfg.batch_pairs, cfg.batch_pairs)
     env = env or make_env(cfg, models, d)
     run = loop.start_run(cfg, d, models, resume_from, 1, preset)
     pairs = make_pairs(cfg, models, env, run, d)
