@@ -327,6 +327,7 @@ def test_greedy_matches_transformers_smollm2():
     assert torch.equal(out.tokens, ref)
 
 
+@pytest.mark.slow  # Inductor compiles the prefill and the decode step: 20-90 s on the CPU
 def test_compiled_sampler_no_recompile_per_step(stories):
     """Under torch.compile(dynamic=True) a padded batch compiles the prefill and the decode step once each, then
     every further step reuses the graph (an index from a Python int once recompiled the model at every step,
