@@ -11,7 +11,7 @@ M=smollm2-135m-instruct
 DATA=out/data/synthetic-seed$SEED
 RUNS=runs/duet-lora-s$SEED
 OUT=results/duet-lora/s$SEED
-GRPO_STEPS=${GRPO_STEPS:-15}
+GRPO_STEPS=${GRPO_STEPS:-10}
 TASK=(--user-history 8 --item-history 3 --review-chars 60 --max-new-tokens 160 --response-prefix "<user_profile><cue>")
 LORA=(--lora-rank 16 --lora-alpha 32)
 [ -d $DATA ] || python scripts/prepare_data.py --source synthetic --seed $SEED --out $DATA --no-progress
