@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", default="out/profile_cache", help="profile cache folder")
     p.add_argument("--out", help="result folder: metrics.json + predictions.jsonl (written atomically)")
     p.add_argument("--name", help="row label (default: the method)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="compute dtype of the writer and the recommender (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--negatives", type=int, default=0,
                    help="ranking: score each example's item against this many items its user never rated and "
@@ -138,7 +140,8 @@ def main(argv=None):
 
     def get(name, adapter=None):  # load each distinct model once (generator and recommender are often the same)
         if (name, adapter) not in models:
-            models[name, adapter] = (load_model(name, adapter=adapter), load_tokenizer(name))
+            models[name, adapter] = (load_model(name, dtype=a.dtype and getattr(torch, a.dtype), adapter=adapter),
+                                     load_tokenizer(name))
         return models[name, adapter]
 
     rec = gen = gen_tok = cache = None
@@ -153,6 +156,8 @@ def main(argv=None):
         weights = weights_hash(gen.source)
         if a.adapter:  # the base weights and the adapter's
             weights = sha256_text(weights + weights_hash(a.adapter))
+        if a.dtype:  # another compute dtype writes other profiles
+            weights = sha256_text(weights + a.dtype)
         cache = ProfileCache(a.cache, a.method, weights)
     kw = dict(recommender=rec, generator=gen, gen_tok=gen_tok, cache=cache, hist=HistoryIndex(ds),
               rec_history=a.rec_history, profile_history=a.profile_history, item_history=a.item_history,

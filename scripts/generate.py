@@ -69,10 +69,13 @@ def main(argv=None):
     ap.add_argument("--stop", action="append", default=[], help="a text that ends a sample (repeatable)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     args = ap.parse_args(argv)
 
     items = read_prompts(args.input)
-    model = load_model(args.model, device=args.device, adapter=args.adapter)
+    model = load_model(args.model, dtype=args.dtype and getattr(torch, args.dtype), device=args.device,
+                       adapter=args.adapter)
     tok = load_tokenizer(args.model)
     prompts = encode_prompts(tok, [it["prompt"] if "prompt" in it else it["messages"] for it in items])
 

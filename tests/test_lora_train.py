@@ -114,3 +114,9 @@ def test_evaluate_and_generate_take_an_adapter(tmp_path):
                           "--max-new-tokens", "5", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "o.jsonl").read_text())["text"]
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/generate.py"), "--model", str(model), "--adapter",
+                          str(ad), "--input", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o16.jsonl"),
+                          "--max-new-tokens", "5", "--temperature", "0", "--dtype", "bfloat16"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]  # the GPU's compute dtype, on the CPU
+    assert json.loads((tmp_path / "o16.jsonl").read_text())["text"]
