@@ -87,8 +87,7 @@ def with_eos(ids: list[int], eos: int) -> list[int]:
 def best_of_n_pairs(cfg: SFTConfig, models: loop.Models, env: Env, d: dist.Dist) -> tuple[list[Pair], dict]:
     """Sample N completions for each of the first --prompts training prompts (the seeded order of step 0), score
     them with the environment, keep each prompt's best with reward >= --min-reward (and that parsed, unless
-    --keep-failed). Every rank samples
-    its share of the prompts; the kept pairs are gathered in prompt order."""
+    --keep-failed). Every rank samples its share of the prompts; the kept pairs are gathered in prompt order."""
     n_prompts = min(cfg.prompts, env.num_prompts())
     pool = loop.step_indices(0, n_prompts, env.num_prompts(), cfg.seed)
     mine = list(range(d.rank, n_prompts, d.world))
