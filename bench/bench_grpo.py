@@ -28,6 +28,11 @@ reference log-probs, PPO micro-batches, optimizer). TRL, from wrappers around it
 advantages and the reference forward), update (the rest of the step: forward/backward, optimizer). Note that the
 reference forward is in TRL's scoring phase and in our update phase: compare the totals.
 
+Variants (--variants lora:R top:N): our step with LoRA adapters of rank R on every attention and MLP projection
+(the reference = the same weights with the adapters off) or with only the top N blocks trained, each as ratios to
+our full fine-tuning; and for lora:R, TRL's GRPOTrainer with a PEFT LoraConfig of the same rank, alpha and targets
+(TRL's reference is then also the base model with the adapter disabled), as ratios to ours.
+
 The last line of output is one JSON object with the figures; "ratio" = TRL seconds per step / ours (target >= 2).
 "trl" is TRL's version, or "not installed": then only our side runs, and TRL's figures, "ratio" and "ok" are null.
 --model, --prompts, --prompt-tokens and --new-tokens shrink the run (the smoke test: a tiny model, a few tokens);
@@ -204,6 +209,14 @@ def run_trl(a) -> dict:
                 for k, v in (("rollout", r), ("scoring", s), ("update", dt - r - s)):
                     per_phase[k].append(v)
 
+    peft_config = None
+    if a.lora_rank:  # the same adapters as ours: every attention and MLP projection, our default alpha, no dropout
+        from peft import LoraConfig
+
+        from rl.loop import RunConfig
+
+        peft_config = LoraConfig(r=a.lora_rank, lora_alpha=RunConfig.lora_alpha, lora_dropout=0.0,
+                                 target_modules=list(RunConfig().lora_targets), task_type="CAUSAL_LM")
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_"), use_cpu=True, bf16=False, fp16=False,
         model_init_kwargs={"dtype": torch.float32}, num_generations=G, per_device_train_batch_size=MICRO_ROWS,
@@ -214,7 +227,7 @@ def run_trl(a) -> dict:
         max_steps=a.steps + 1, report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
         log_completions=False, seed=0, dataloader_num_workers=0)
     trainer = TimedGRPOTrainer(model=path, reward_funcs=reward_token_share, args=args, train_dataset=dataset,
-                               callbacks=[StepTimer()])
+                               callbacks=[StepTimer()], peft_config=peft_config)
     trainer.train()
     out = summary(times, per_phase)
     texts = [trainer.processing_class.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
@@ -245,11 +258,12 @@ def main():
     p.add_argument("--prompts", type=int, default=N_PROMPTS,
                    help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (default 4)")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
-    p.add_argument("--lora-rank", type=int, default=0, help="(one side) our policy with LoRA adapters of this rank")
+    p.add_argument("--lora-rank", type=int, default=0, help="(one side) the policy with LoRA adapters of this rank")
     p.add_argument("--trainable-layers", type=int, default=0, help="(one side) train only our top N blocks")
     p.add_argument("--variants", nargs="*", default=[], metavar="lora:R | top:N",
                    help="also time our step with LoRA of rank R (the reference = the adapters off) or with only the "
-                        "top N blocks trained, each against our full fine-tuning: e.g. --variants lora:16 top:4")
+                        "top N blocks trained, each against our full fine-tuning, and lora:R against TRL with a "
+                        "PEFT LoRA of the same rank: e.g. --variants lora:16 top:4")
     a = p.parse_args()
     if a.prompts * G % MICRO_ROWS:
         p.error(f"--prompts x {G} samples must be a multiple of the {MICRO_ROWS}-row micro-batch")
@@ -283,6 +297,13 @@ def main():
                        "speedup_vs_full": round(ours["s_per_step"] / res["s_per_step"], 3),
                        "rss_vs_full": round(res["peak_rss_mb"] / ours["peak_rss_mb"], 3)}
         print(f"ours {v}: {res['s_per_step']:.2f} s/step, peak RSS {res['peak_rss_mb']:.0f} MiB")
+        if kind == "lora" and trl_version:  # TRL's GRPOTrainer with a PEFT LoRA of the same rank and targets
+            tr = child("trl", a, lora_rank=int(n))
+            variants[v].update(trl_s_per_step=tr["s_per_step"], trl_peak_rss_mb=tr["peak_rss_mb"],
+                               ratio=round(tr["s_per_step"] / res["s_per_step"], 3),
+                               rss_vs_trl=round(res["peak_rss_mb"] / tr["peak_rss_mb"], 3))
+            print(f"trl  {v} (PEFT): {tr['s_per_step']:.2f} s/step, peak RSS {tr['peak_rss_mb']:.0f} MiB, "
+                  f"ratio trl/ours {variants[v]['ratio']:.2f}")
     t = (lambda k: trl[k]) if trl else (lambda k: None)  # noqa: E731  TRL's figure, or null without TRL
     print(json.dumps({"ours_s_per_step": ours["s_per_step"], "trl_s_per_step": t("s_per_step"),
                       "ratio": None if ratio is None else round(ratio, 3), "target_ratio": 2.0,

@@ -169,11 +169,8 @@ class RetrievalScorer:
         self.cfg, self.ds, self.hx, self.R = cfg, ds, hx, R
         self.model, self.tok = recommender_model(cfg, source, d)
         self.embedder = R.Embedder(self.model, self.tok, max_tokens=cfg.embed_tokens, batch_size=16)
-        # users are embedded one text per forward: a user's embedding, and so a reward, never depends on the
-        # batch it was computed in (one process and several ranks rank the same way; ties flip otherwise)
-        self.user_embedder = R.Embedder(self.model, self.tok, max_tokens=cfg.embed_tokens, batch_size=1)
         items = sorted(ds.items)
-        self.index = R.ItemIndex(self.embedder, items, [R.item_text(ds.items[i]) for i in items])
+        self.index = R.ItemIndex(self.embedder, items, [R.item_text(ds.items[i]) for i in items])  # sets the center
 
     def user_text(self, t: Target, profile: str | None) -> str:
         titles = [item_title(self.ds, h.item_id) for h in self.hx.user_history(t.user_id, t.timestamp,
@@ -217,7 +214,9 @@ class RetrievalScorer:
     @torch.no_grad()
     def rank(self, targets: list[Target], profiles: list[str | None]) -> torch.Tensor:
         """(B,) 1-based rank of each target item among the catalogue, its user's history masked."""
-        users = self.user_embedder.embed([self.user_text(t, p) for t, p in zip(targets, profiles)])
+        # users are embedded one text per forward: a user's embedding, and so a reward, never depends on the
+        # batch it was computed in (one process and several ranks rank the same way; ties flip otherwise)
+        users = self.embedder.embed([self.user_text(t, p) for t, p in zip(targets, profiles)], batch_size=1)
         targets_idx = torch.tensor([self.index.index_of[t.item_id] for t in targets])
         return self.R.target_ranks(self.index.scores(users), targets_idx, self.exclude(targets))
 

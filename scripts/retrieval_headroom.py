@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--min-rating", type=int, default=4, help="a next item is an interaction rated at least this")
     p.add_argument("--eval", type=int, default=128, help="valid-split next items ranked (a seeded sample)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+                   help="subtract the catalogue's mean embedding before normalising (eval/retrieval.py, Centring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -62,15 +64,19 @@ def texts_of(ds, targets, condition: str, history: int) -> list[str]:
             for x in targets]
 
 
-def load_embedder(a):
-    """A fresh Embedder on the pretrained weights, its top `trainable_layers` blocks trainable."""
+def load_embedder(a, catalogue: list[str]):
+    """A fresh Embedder on the pretrained weights, its top `trainable_layers` blocks trainable, centred on the
+    catalogue's texts (with --center)."""
     from eval.retrieval import Embedder
     from model import freeze_all_but_top, load_model, load_tokenizer
 
     model = load_model(a.model)
     if a.trainable_layers >= 0:
         freeze_all_but_top(model, min(a.trainable_layers, model.config.num_hidden_layers))
-    return Embedder(model, load_tokenizer(a.model), max_tokens=a.max_tokens, batch_size=16)
+    emb = Embedder(model, load_tokenizer(a.model), max_tokens=a.max_tokens, batch_size=16)
+    if a.center:
+        emb.fit_center(catalogue)
+    return emb
 
 
 def train(emb, user_texts, item_texts, item_ids, a) -> list[float]:
@@ -81,7 +87,7 @@ def train(emb, user_texts, item_texts, item_ids, a) -> list[float]:
 
     params = [p for p in emb.model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=a.lr)
-    losses = []
+    losses, t0 = [], time.time()
     for step in range(a.steps):
         s = slice(step * a.batch, (step + 1) * a.batch)
         loss, m = info_nce(emb.embed(user_texts[s], grad=True), emb.embed(item_texts[s], grad=True),
@@ -91,7 +97,8 @@ def train(emb, user_texts, item_texts, item_ids, a) -> list[float]:
         opt.step()
         losses.append(m["loss"].item())
         if step % 5 == 0 or step == a.steps - 1:
-            print(f"  step {step}: loss {losses[-1]:.3f} accuracy {m['accuracy'].item():.2f}", flush=True)
+            print(f"  step {step}: loss {losses[-1]:.3f} accuracy {m['accuracy'].item():.2f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
     return losses
 
 
@@ -158,7 +165,7 @@ def main(argv=None):
     item_texts = [show(ds.items[i]) for i in item_ids]
     out = {"model": a.model, "steps": a.steps, "batch": a.batch, "lr": a.lr, "temperature": a.temperature,
            "n_eval": len(eval_targets), "min_rating": a.min_rating, "trainable_layers": a.trainable_layers,
-           "history": a.history, "item_text": a.item_text, "catalogue": len(ds.items)}
+           "history": a.history, "item_text": a.item_text, "catalogue": len(ds.items), "center": a.center}
     ids = sorted(ds.items)
     metrics = {}
     for name, ranks in reference_ranks(ds, eval_targets, ids, [item_text(ds.items[i]) for i in ids], a.seed).items():
@@ -168,11 +175,11 @@ def main(argv=None):
     for cond in CONDITIONS:
         print(f"{cond}: training {a.steps} steps of {a.batch} ({time.time() - t0:.0f} s)", flush=True)
         torch.manual_seed(a.seed)
-        emb = load_embedder(a)
+        emb = load_embedder(a, [show(ds.items[i]) for i in ids])
         losses = train(emb, texts_of(ds, train_targets, cond, a.history), item_texts, item_ids, a)
         print(f"{cond}: ranking {len(ds.items)} items for {len(eval_targets)} targets ({time.time() - t0:.0f} s)",
               flush=True)
-        index = ItemIndex(emb, ids, [show(ds.items[i]) for i in ids])
+        index = ItemIndex(emb, ids, [show(ds.items[i]) for i in ids], center=a.center)
         ranks = retrieval_ranks(emb, index, ds, eval_targets, texts_of(ds, eval_targets, cond, a.history))
         metrics[cond] = summary(ranks, a.k)
         out[cond] = {name: round(sum(v) / len(v), 4) for name, v in metrics[cond].items()}

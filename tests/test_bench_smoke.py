@@ -67,6 +67,11 @@ def test_bench_grpo(model):
     assert set(out["variants"]) == {"lora:2", "top:1"}  # our step with LoRA and with the top block only
     for v in out["variants"].values():
         positive(v["s_per_step"], v["peak_rss_mb"], v["speedup_vs_full"], v["rss_vs_full"])
+    lora = out["variants"]["lora:2"]  # TRL's GRPOTrainer with a PEFT LoRA of the same rank, when TRL is there
+    if HAS_TRL:
+        positive(lora["trl_s_per_step"], lora["trl_peak_rss_mb"], lora["ratio"], lora["rss_vs_trl"])
+    else:
+        assert "trl_s_per_step" not in lora
     check_trl_side(out, trl_keys)
 
 

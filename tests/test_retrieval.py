@@ -51,6 +51,11 @@ def test_mean_pool_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     want = torch.tensor([[2 / math.sqrt(13), 3 / math.sqrt(13)], [0.0, 1.0]])
     torch.testing.assert_close(mean_pool(hidden, mask), want)
+    center = torch.tensor([2.0, -1.0])  # row means (2, 3) and (0, 5) -> (0, 4) and (-2, 6)
+    torch.testing.assert_close(mean_pool(hidden, mask, center), torch.tensor([[0.0, 1.0], [-1.0, 3.0]]) /
+                               torch.tensor([[1.0], [math.sqrt(10)]]))
+    torch.testing.assert_close(mean_pool(hidden, mask, center, normalize=False), torch.tensor([[0.0, 4.0],
+                                                                                                [-2.0, 6.0]]))
 
 
 # ---- InfoNCE ------------------------------------------------------------------------------------------------
@@ -232,6 +237,11 @@ def test_item_index_ranks_the_catalogue(tiny):
     seen = [len(set(history_items(ds, t.user_id, t.timestamp)) - {t.item_id}) for t in targets]
     assert all(1 <= r <= N - s for r, s in zip(ranks.tolist(), seen))
     scores = index.scores(emb.embed(texts))  # (6, N)
+    raw = emb.embed(index.texts, center=False, normalize=False)  # (N, D) the centring is the catalogue's mean
+    torch.testing.assert_close(emb.center, raw.mean(0))
+    torch.testing.assert_close(index.emb, torch.nn.functional.normalize(raw - raw.mean(0), dim=-1))
+    torch.testing.assert_close(emb.fit_center(index.texts), raw.mean(0))
+    assert index.emb.sum(0).norm() < index.emb.shape[0] * 0.5  # spread out, not one direction
     exclude = index.mask([history_items(ds, t.user_id, t.timestamp) for t in targets])
     assert torch.equal(target_ranks(scores, index.positions([t.item_id for t in targets]), exclude), ranks)
 
