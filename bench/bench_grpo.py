@@ -19,6 +19,10 @@ Matching the two sides
   uses the detached current log-probs (the ratio is 1 by construction). `--old-logprobs sampler` (the default
   here) does the same work on our side: the sampler's own log-probs are the old ones, no extra forward.
   `--old-logprobs recompute` (our trainer's default) adds one no-grad forward over the 16 rows.
+- Shared prompts: our trainer runs each prompt once per micro-batch and its G completions on the prompt's keys
+  and values (--share-prompt-forward, on by default: 500 + 4 x 128 instead of 4 x 628 tokens per group in the
+  reference forward and the update); TRL runs every row whole. Same log-probs and gradients either way
+  (tests/test_rl_math.py); `--no-share-prompts` times ours without it.
 - Each side runs in its own child process (this script re-invoked with --side ours / --side trl) so that the
   peak RSS (ru_maxrss) of one does not include the other. Steps: one warm-up step, then --steps timed steps.
 
@@ -120,6 +124,7 @@ def run_ours(a) -> dict:
                         max_new_tokens=a.new_tokens, old_logprobs=a.old_logprobs, mini_batch_prompts=a.prompts,
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
                         max_steps=a.steps + 1, device="cpu", lora_rank=a.lora_rank,
+                        share_prompt_forward=not a.no_share_prompts,
                         trainable_layers=a.trainable_layers)
     models = build_models(cfg, None, d)
     tok = models.tokenizer
@@ -243,7 +248,8 @@ def child(side: str, a, lora_rank: int = 0, trainable_layers: int = 0) -> dict:
                                      "--old-logprobs", a.old_logprobs, "--prompt-tokens", str(a.prompt_tokens),
                                      "--new-tokens", str(a.new_tokens), "--model", a.model,
                                      "--prompts", str(a.prompts), "--lora-rank", str(lora_rank),
-                                     "--trainable-layers", str(trainable_layers)])
+                                     "--trainable-layers", str(trainable_layers)]
+                    + (["--no-share-prompts"] if a.no_share_prompts else []))
 
 
 def main():
@@ -257,6 +263,8 @@ def main():
     p.add_argument("--model", default=MODEL, help="model name or HF directory (both sides)")
     p.add_argument("--prompts", type=int, default=N_PROMPTS,
                    help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (default 4)")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="ours: run every row whole (prompt + completion), as TRL does")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     p.add_argument("--lora-rank", type=int, default=0, help="(one side) the policy with LoRA adapters of this rank")
     p.add_argument("--trainable-layers", type=int, default=0, help="(one side) train only our top N blocks")
@@ -313,7 +321,7 @@ def main():
                       "ours_steps_s": ours["steps_s"], "trl_steps_s": t("steps_s"),
                       "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": t("prompt_tokens"),
                       "response_length": ours["response_length"], "trl_response_length": t("response_length"),
-                      "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads,
+                      "share_prompts": not a.no_share_prompts, "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads,
                       "model": a.model, "prompts": a.prompts, "variants": variants}))
 
 

@@ -34,17 +34,20 @@ class KVCache:
         """This cache as a static-shape forward writes it: at slot `index`, a 0-d long tensor (see KVCacheAt)."""
         return KVCacheAt(self, index)
 
-    def repeat_interleave(self, n: int, max_len: int | None = None, rows: slice = slice(None)) -> "KVCache":
+    def repeat_interleave(self, n: int | torch.Tensor, max_len: int | None = None,
+                          rows: slice = slice(None)) -> "KVCache":
         """A new cache whose row b*n + j is a copy of row b (group sampling: one prefill, n continuations), of the
-        rows `rows` only (a chunk of the prompts) when given."""
+        rows `rows` only (a chunk of the prompts) when given. n may be a (B,) long tensor: row b copied n[b]
+        times. Differentiable: with autograd on, gradients reaching the copies flow back to this cache's rows."""
         max_len = max_len or self.max_len
         out = KVCache.__new__(KVCache)
         out.k, out.v = [], []
         for buf_k, buf_v in zip(self.k, self.v):
             buf_k, buf_v = buf_k[rows], buf_v[rows]
-            B, KV, _, hd = buf_k.shape
-            nk = buf_k.new_zeros(B * n, KV, max_len, hd)
-            nv = buf_v.new_zeros(B * n, KV, max_len, hd)
+            _, KV, _, hd = buf_k.shape
+            R = int(n.sum()) if torch.is_tensor(n) else buf_k.shape[0] * n
+            nk = buf_k.new_zeros(R, KV, max_len, hd)
+            nv = buf_v.new_zeros(R, KV, max_len, hd)
             nk[:, :, :self.pos] = buf_k[:, :, :self.pos].repeat_interleave(n, dim=0)
             nv[:, :, :self.pos] = buf_v[:, :, :self.pos].repeat_interleave(n, dim=0)
             out.k.append(nk)

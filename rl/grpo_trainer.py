@@ -6,7 +6,8 @@ One step, top to bottom in `grpo_step`:
   2. rollout: G samples per prompt with the (gathered) policy, one shared prefill per prompt
   3. score: the environment parses each completion and the frozen recommender rates it -> rewards
   4. advantages: (r - mean_group) / (std_group + eps), from the rewards of the whole group
-  5. old log-probs (policy before the update) and reference log-probs, one no-grad forward each
+  5. old log-probs (policy before the update) and reference log-probs, one no-grad forward each (each prompt
+     runs once per micro-batch, its G completions on its keys/values: --share-prompt-forward)
   6. PPO: for each epoch and mini-batch, micro-batches accumulate the loss over the GLOBAL token (or sequence)
      count of the mini-batch (all micro-batches, all ranks); clip the gradient; AdamW step
 
@@ -57,6 +58,10 @@ class GRPOConfig(loop.RunConfig, EnvConfig):
                 "k x group_size x (max_prompt_tokens + max_new_tokens) <= this, with the samples of one batch; "
                 "0: all of a rank's prompts at once"})
     # update
+    share_prompt_forward: bool = field(default=True, metadata={
+        "help": "old, reference and update forwards run each prompt once per micro-batch and only the G "
+                "completions per row, on the prompt's copied keys/values (rl/rollout.shared_prompt_logprobs); "
+                "not with activation checkpointing, where each row runs whole"})
     mini_batch_prompts: int = 4
     micro_batch_rows: int = 4
     ppo_epochs: int = 1
@@ -209,15 +214,15 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
     peaks.end("score")
     t2 = time.perf_counter()
     # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
-    V, chunk = tok.vocab_size, cfg.logprob_chunk_tokens
+    V, chunk, share = tok.vocab_size, cfg.logprob_chunk_tokens, cfg.share_prompt_forward
     batch = make_batch([e.prompt_ids for e in episodes], [c for e in episodes for c in e.completions],
                        tok.pad_token_id, repeat=G).to(d.device)
     with torch.no_grad():
         if cfg.old_logprobs == "sampler":
             old = out.logprobs[:, :batch.completion_len].to(d.device)
         else:
-            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk)
-        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk) \
+            old = batched_logprobs(policy, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk, share)
+        ref = batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V, chunk, share) \
             if cfg.kl_coef else None
     del out  # the sampler's KV cache and tensors are not needed for the update
     peaks.end("logprobs")
@@ -238,7 +243,7 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
                 mi = slice(m, min(m + cfg.micro_batch_rows, s + rows_per_mb))
                 mbatch = batch.rows(mi)
                 logp, ent = completion_logprobs(policy, mbatch, cfg.temperature, with_entropy=True, vocab_limit=V,
-                                                chunk_tokens=chunk)
+                                                chunk_tokens=chunk, share_prompts=share)
                 loss, lm = grpo_loss(logp, old[mi], None if ref is None else ref[mi], adv[mi].to(d.device),
                                      mbatch.mask, kl_coef=cfg.kl_coef, clip_low=cfg.clip_low,
                                      clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg, global_tokens=mb_tokens,

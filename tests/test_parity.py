@@ -22,8 +22,10 @@ from rl.tracking import read_metrics
 from tests.tiny import STORIES, one_thread, script_function, tiny_chat_model, tiny_dataset  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-# one mini-batch of 4 prompts x G 4 = 16 rows per step; --grad-clip large so clipping never rescales
-STEP = ["--env", "toy", "--model", str(STORIES), "--prompts-per-step", "4", "--mini-batch-prompts", "4",
+# one mini-batch of 4 prompts x G 4 = 16 rows per step; --grad-clip large so clipping never rescales; every row
+# whole (2 ranks do so under FSDP): a micro-batch's shared prompts round differently by their number, which Adam
+# turns into lr-size steps where a gradient entry is ~0 (the shared path's own parity: tests/test_rl_math.py)
+STEP = ["--share-prompt-forward", "false","--env", "toy", "--model", str(STORIES), "--prompts-per-step", "4", "--mini-batch-prompts", "4",
         "--group-size", "4", "--max-new-tokens", "10", "--lr", "1e-3", "--kl-coef", "0.05", "--grad-clip", "1e9",
         "--val-every", "0", "--log-text-every", "0", "--device", "cpu", "--max-steps", "1", "--save-every", "1",
         "--temperature", "1.0"]

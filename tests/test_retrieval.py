@@ -268,3 +268,25 @@ def test_embedder_learns_pairs_with_info_nce(tiny):
         opt.step()
     after = loss_on_all()
     assert after < 0.7 * before, (before, after)
+
+
+@needs_stories
+def test_retrieval_headroom_script_trains_both_conditions_and_pairs_them(tiny, capsys, tmp_path):
+    """scripts/retrieval_headroom.py at tiny size: both conditions trained and ranked on the same targets, the
+    references computed, and each paired difference the mean of the per-example differences."""
+    import json
+
+    from tests.tiny import script_function
+
+    path, ds = tiny
+    main = script_function("retrieval_headroom", "main")
+    main(["--model", str(path), "--data", ds.manifest["_dir"], "--steps", "2", "--batch", "4", "--eval", "0",
+          "--max-tokens", "32", "--trainable-layers", "1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n = len(next_item_targets(ds, "valid"))
+    assert out["n_eval"] == n and out["center"] is True
+    for cond in ("oracle", "none", "keywords", "random"):
+        assert 0 <= out[cond]["ndcg@10"] <= 1 and 0 < out[cond]["mrr"] <= 1, (cond, out[cond])
+    d = out["oracle_minus_none_ndcg@10"]
+    assert d["a"] == out["oracle"]["ndcg@10"] and d["b"] == out["none"]["ndcg@10"]
+    assert abs(d["diff"] - (d["a"] - d["b"])) < 2e-4 and d["se"] >= 0

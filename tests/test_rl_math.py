@@ -165,6 +165,53 @@ def test_chunked_head_logprobs_equal_whole_block_with_gradients(dtype, gradient_
     assert same(no_grad, logp)
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_shared_prompt_forward_equals_one_forward_per_row(chunk):
+    """completion_logprobs(share_prompts=True): each distinct prompt runs once and its keys and values are copied
+    to its rows. Log-probs, entropies and every gradient equal the plain per-row forward's (float64 weights,
+    1e-6), with prompts of different lengths (left padding), completions of different lengths (right padding),
+    groups of different sizes in one batch (a micro-batch may cut a group), LoRA adapters on, and under no_grad.
+    Gradients within 1e-6 of each tensor's largest entry: the log-softmax runs in fp32 whatever the weights."""
+    from model import load_model
+    from model.lora import add_lora
+    from rl.rollout import shares_prompts
+
+    torch.manual_seed(0)
+    model = load_model(STORIES, dtype=torch.float64).train()
+    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (7, 3, 9)]
+    comps = [torch.randint(3, 400, (n,)).tolist() for n in (12, 5, 9, 1, 4, 6, 8, 2, 3)]
+    batch = make_batch(prompts, comps, pad_id=0, repeat=3).rows(slice(1, 9))  # groups of 2, 3 and 3 rows
+    assert batch.prompt_of.tolist() == [0, 0, 1, 1, 1, 2, 2, 2] and shares_prompts(model, batch)
+    weights = torch.randn(batch.completion.shape)
+
+    def run(share):
+        model.zero_grad(set_to_none=True)
+        logp, ent = completion_logprobs(model, batch, 0.8, with_entropy=True, vocab_limit=400, chunk_tokens=chunk,
+                                        share_prompts=share)
+        (logp * weights * batch.mask).sum().backward()
+        return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for lora in (False, True):
+        if lora:
+            add_lora(model, 4, 8.0, 0.0, ["q_proj", "v_proj", "down_proj"], seed=0)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_()  # B = 0 would hide the adapters
+        logp, ent, grads = run(False)
+        s_logp, s_ent, s_grads = run(True)
+        torch.testing.assert_close(s_logp, logp, rtol=0, atol=1e-6)
+        torch.testing.assert_close(s_ent, ent, rtol=0, atol=1e-6)
+        assert grads.keys() == s_grads.keys() and len(grads) > 0
+        for name, g in grads.items():  # the log-softmax is fp32 whatever the weights: 1e-6 of the largest entry
+            assert float((s_grads[name] - g).abs().max()) <= 1e-6 * max(1.0, float(g.abs().max())), name
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(model, batch, 0.8, vocab_limit=400, chunk_tokens=chunk,
+                                                       share_prompts=True)[0], logp, rtol=0, atol=1e-6)
+    one_each = make_batch(prompts, comps[:3], pad_id=0)  # no prompt shared: the plain path
+    assert not shares_prompts(model, one_each)
+
+
 # ---------------------------------------------------------------- GRPO
 
 
