@@ -145,16 +145,18 @@ def average_logps(cfg) -> bool:
     return cfg.loss_type == "ipo" and cfg.ipo_average
 
 
-def pair_logprobs(model, encoded, idx, vocab_limit: int | None = None, average: bool = False, chunk_tokens: int = 0):
-    """Log-probs (summed, or per-token averages) of chosen and rejected for pairs `idx`: one batch, chosen rows
-    then rejected rows, over the tokenizer's ids below vocab_limit; the head chunk_tokens positions at a time
-    (rl/rollout.completion_logprobs)."""
-    prompts = [encoded[i][0] for i in idx] * 2
-    comps = [encoded[i][1] for i in idx] + [encoded[i][2] for i in idx]
-    batch = make_batch(prompts, comps, pad_id=0).to(next(model.parameters()).device)
-    logp, _ = completion_logprobs(model, batch, vocab_limit=vocab_limit, chunk_tokens=chunk_tokens)
+def pair_logprobs(model, encoded, idx, vocab_limit: int | None = None, average: bool = False, chunk_tokens: int = 0,
+                  share_prompts: bool = False):
+    """Log-probs (summed, or per-token averages) of chosen and rejected for pairs `idx`: one batch, each pair's
+    chosen and rejected rows adjacent (share_prompts: their prompt runs once), over the tokenizer's ids below
+    vocab_limit; the head chunk_tokens positions at a time (rl/rollout.completion_logprobs)."""
+    prompts = [encoded[i][0] for i in idx]
+    comps = [c for i in idx for c in (encoded[i][1], encoded[i][2])]  # row 2p: chosen, row 2p + 1: rejected
+    batch = make_batch(prompts, comps, pad_id=0, repeat=2).to(next(model.parameters()).device)
+    logp, _ = completion_logprobs(model, batch, vocab_limit=vocab_limit, chunk_tokens=chunk_tokens,
+                                  share_prompts=share_prompts)
     seq = sequence_logprob(logp, batch.mask, average)  # (2P,)
-    return seq[:len(idx)], seq[len(idx):]
+    return seq[0::2], seq[1::2]
 
 
 def model_identity(src: str) -> str:
@@ -179,7 +181,8 @@ def reference_key(cfg) -> dict:
 
 @torch.no_grad()
 def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path, key: dict,
-                       vocab_limit: int | None = None, average: bool = False, chunk_tokens: int = 0) -> torch.Tensor:
+                       vocab_limit: int | None = None, average: bool = False, chunk_tokens: int = 0,
+                       share_prompts: bool = False) -> torch.Tensor:
     """(N, 2) reference log-probs of (chosen, rejected) for every pair, computed once and stored in `path` with
     the `key` they were computed for; a file whose key differs (another model, pairs, style, token limits) is
     recomputed, and the run says why."""
@@ -194,7 +197,7 @@ def reference_logprobs(reference, encoded, micro: int, d: dist.Dist, path: Path,
     idx, real = dist.pad_to_world(list(range(len(encoded))), d)
     rows = []
     for s in range(0, len(idx), micro):
-        c, r = pair_logprobs(reference, encoded, idx[s:s + micro], vocab_limit, average, chunk_tokens)
+        c, r = pair_logprobs(reference, encoded, idx[s:s + micro], vocab_limit, average, chunk_tokens, share_prompts)
         rows += list(zip(idx[s:s + micro], c.tolist(), r.tolist()))
     rows = {i: (c, r) for part in dist.all_gather_objects(rows[:real], d) for i, c, r in part}
     ref = torch.tensor([rows[i] for i in range(len(encoded))], dtype=torch.float32)
@@ -214,7 +217,7 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
     encoded = encode_pairs(pairs, models.tokenizer, ds, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
                              reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg),
-                             cfg.logprob_chunk_tokens)
+                             cfg.logprob_chunk_tokens, cfg.share_prompt_forward)
 
     from eval.recommender import Recommender
 
@@ -258,7 +261,7 @@ def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run
     for s in range(0, len(mine), cfg.micro_batch_pairs):
         idx = mine[s:s + cfg.micro_batch_pairs]
         pc, pr = pair_logprobs(policy, encoded, idx, models.tokenizer.vocab_size, average_logps(cfg),
-                               cfg.logprob_chunk_tokens)
+                               cfg.logprob_chunk_tokens, cfg.share_prompt_forward)
         rc, rr = ref[idx, 0].to(pc.device), ref[idx, 1].to(pc.device)
         loss, m = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                            loss_type=cfg.loss_type, global_pairs=cfg.pairs_per_step)

@@ -58,10 +58,6 @@ class GRPOConfig(loop.RunConfig, EnvConfig):
                 "k x group_size x (max_prompt_tokens + max_new_tokens) <= this, with the samples of one batch; "
                 "0: all of a rank's prompts at once"})
     # update
-    share_prompt_forward: bool = field(default=True, metadata={
-        "help": "old, reference and update forwards run each prompt once per micro-batch and only the G "
-                "completions per row, on the prompt's copied keys/values (rl/rollout.shared_prompt_logprobs); "
-                "not with activation checkpointing, where each row runs whole"})
     mini_batch_prompts: int = 4
     micro_batch_rows: int = 4
     ppo_epochs: int = 1

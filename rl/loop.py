@@ -45,6 +45,10 @@ class RunConfig:
         "help": "log-probs and entropies of a micro-batch are computed this many positions at a time from the final "
                 "hidden states (lm_head per chunk, recomputed in the backward), so its whole (rows, length, vocab) "
                 "logit block never exists; 0: the whole block at once"})
+    share_prompt_forward: bool = field(default=True, metadata={
+        "help": "rows that share a prompt (GRPO's G samples, DPO's chosen and rejected) run it once per micro-batch, "
+                "their completions on its copied keys/values (rl/rollout.shared_prompt_logprobs): the same "
+                "log-probs, fewer tokens; not with activation checkpointing, where each row runs whole"})
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
     fsdp: bool = field(default=False, metadata={
         "help": "under torchrun with one process, still join the process group (nccl on CUDA) and shard with "

@@ -58,8 +58,9 @@ def check_trl_side(out: dict, trl_keys: str):
 def test_bench_grpo(model):
     out = run_bench("bench_grpo", "--model", model, "--prompts", 1, "--prompt-tokens", 32, "--new-tokens", 4,
                     "--steps", 1, "--threads", 1, "--variants", "lora:2", "top:1")
-    trl_keys = "trl_s_per_step trl_phases trl_peak_rss_mb trl_steps_s trl_prompt_tokens trl_response_length"
-    has_keys(out, "ours_s_per_step ratio target_ratio ok trl ours_phases ours_peak_rss_mb ours_steps_s prompt_tokens "
+    trl_keys = ("trl_s_per_step trl_phases trl_peak_rss_mb trl_steps_s trl_prompt_tokens trl_response_length "
+                "rss_ratio")
+    has_keys(out, "ours_s_per_step ratio target_ratio target_rss_ratio share_prompts ok trl ours_phases ours_peak_rss_mb ours_steps_s prompt_tokens "
                   "response_length old_logprobs new_tokens steps threads model prompts " + trl_keys)
     positive(out["ours_s_per_step"], *out["ours_steps_s"], out["ours_peak_rss_mb"])
     assert len(out["ours_steps_s"]) == 1 and set(out["ours_phases"]) == {"rollout", "scoring", "update"}

@@ -62,7 +62,8 @@ def run_script(args, nproc=1):
 
 
 def test_pair_logprobs_known_answer(tiny):
-    """Summed log-probs of chosen/rejected in a padded batch == an unpadded single-sequence computation."""
+    """Summed log-probs of chosen/rejected in a padded batch == an unpadded single-sequence computation, with each
+    pair's prompt run once for both (share_prompts) or once per row."""
     model, _ = tiny
     m = load_model(model)
     tok = load_tokenizer(model)
@@ -71,15 +72,16 @@ def test_pair_logprobs_known_answer(tiny):
     rejected = [tok.encode("big", add_special_tokens=False) + [2], tok.encode("was very very sad", add_special_tokens=False) + [2]]
     encoded = list(zip(prompts, chosen, rejected))
     with torch.no_grad():
-        pc, pr = pair_logprobs(m, encoded, [0, 1])
-        for i in range(2):
-            for comp, got in ((chosen[i], pc[i]), (rejected[i], pr[i])):
-                seq = torch.tensor([prompts[i] + comp])
-                logp = torch.log_softmax(m(seq)[0].float(), -1)  # (T, V)
-                P = len(prompts[i])
-                # token at position P + j is predicted by the logits at P + j - 1
-                want = sum(logp[P + j - 1, t] for j, t in enumerate(comp))
-                assert abs(float(got) - float(want)) < 1e-4
+        for share in (False, True):
+            pc, pr = pair_logprobs(m, encoded, [0, 1], share_prompts=share)
+            for i in range(2):
+                for comp, got in ((chosen[i], pc[i]), (rejected[i], pr[i])):
+                    seq = torch.tensor([prompts[i] + comp])
+                    logp = torch.log_softmax(m(seq)[0].float(), -1)  # (T, V)
+                    P = len(prompts[i])
+                    # token at position P + j is predicted by the logits at P + j - 1
+                    want = sum(logp[P + j - 1, t] for j, t in enumerate(comp))
+                    assert abs(float(got) - float(want)) < 1e-4
 
 
 def test_dpo_learns_toy_pairs(tiny, tmp_path):
