@@ -80,6 +80,20 @@ def load_embedder(a, catalogue: list[str]):
     return emb
 
 
+def cosine_spread(emb, texts: list[str]) -> dict:
+    """Mean and std of the cosine between two different texts' embeddings, as pooled and after centring."""
+    import torch
+    import torch.nn.functional as F
+
+    raw = emb.embed(texts, center=False, normalize=False)  # (N, D)
+    off = ~torch.eye(len(texts), dtype=torch.bool)
+    out = {}
+    for name, x in (("pooled", raw), ("centred", raw - raw.mean(0))):
+        cos = (F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T)[off]
+        out[name] = {"mean": round(float(cos.mean()), 3), "std": round(float(cos.std()), 3)}
+    return out
+
+
 def train(emb, user_texts, item_texts, item_ids, a) -> list[float]:
     """a.steps Adam steps of InfoNCE over consecutive batches of the pairs -> the loss of each step."""
     import torch
@@ -178,6 +192,9 @@ def main(argv=None):
         print(f"{cond}: training {a.steps} steps of {a.batch} ({time.time() - t0:.0f} s)", flush=True)
         torch.manual_seed(a.seed)
         emb = load_embedder(a, [show(ds.items[i]) for i in ids])
+        if "catalogue_cosine" not in out:  # the untrained model's item embeddings, before and after centring
+            out["catalogue_cosine"] = cosine_spread(emb, [show(ds.items[i]) for i in ids])
+            print(f"cosine between two items: {out['catalogue_cosine']}", flush=True)
         losses = train(emb, texts_of(ds, train_targets, cond, a.history), item_texts, item_ids, a)
         print(f"{cond}: ranking {len(ds.items)} items for {len(eval_targets)} targets ({time.time() - t0:.0f} s)",
               flush=True)

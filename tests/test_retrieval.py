@@ -278,13 +278,17 @@ def test_retrieval_headroom_script_trains_both_conditions_and_pairs_them(tiny, c
 
     from tests.tiny import script_function
 
-    path, ds = tiny
+    path, _ = tiny
+    data = tiny_dataset(tmp_path / "data")
+    ds = load_dataset(data)
     main = script_function("retrieval_headroom", "main")
-    main(["--model", str(path), "--data", ds.manifest["_dir"], "--steps", "2", "--batch", "4", "--eval", "0",
+    main(["--model", str(path), "--data", str(data), "--steps", "2", "--batch", "4", "--eval", "0",
           "--max-tokens", "32", "--trainable-layers", "1"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     n = len(next_item_targets(ds, "valid"))
     assert out["n_eval"] == n and out["center"] is True
+    cos = out["catalogue_cosine"]  # the pooled states point one way; centring spreads them around 0
+    assert cos["pooled"]["mean"] > cos["centred"]["mean"] and abs(cos["centred"]["mean"]) < 0.1
     for cond in ("oracle", "none", "keywords", "random"):
         assert 0 <= out[cond]["ndcg@10"] <= 1 and 0 < out[cond]["mrr"] <= 1, (cond, out[cond])
     d = out["oracle_minus_none_ndcg@10"]
