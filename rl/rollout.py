@@ -82,9 +82,9 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entr
     chunk_tokens: the lm_head runs inside the model's forward on this many positions at a time, each chunk's
     logits recomputed in the backward (rl/logprobs.head_logprobs), so the (R, L, V) logit block and its fp32
     copy never exist; 0: the whole block at once (any model taking num_logits_to_keep).
-    share_prompts: where rows share a prompt (GRPO's G samples), the prompt runs once per group, its keys and
-    values (with their graph) copied to the group's rows, and only the completions run per row (see
-    `shared_prompt_logprobs`); the same values up to float rounding, far fewer tokens when P >> L.
+    share_prompts: where rows share a prompt (GRPO's G samples, DPO's chosen and rejected), the prompt runs once
+    per group, its keys and values (with their graph) copied to the group's rows, and only the completions run
+    per row (see `shared_prompt_logprobs`); the same values up to float rounding, far fewer tokens when P >> L.
     """
     if share_prompts and shares_prompts(model, batch):
         return shared_prompt_logprobs(model, batch, temperature, with_entropy, vocab_limit, chunk_tokens)
