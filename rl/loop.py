@@ -67,6 +67,11 @@ class RunConfig:
         "help": "compute dtype: bfloat16 | float32; empty: bfloat16 on CUDA, float32 on CPU (bfloat16 on a CPU "
                 "is slow, for tests of the GPU path). The policy's master weights stay float32"})
 
+    def shares_prompts(self) -> bool:
+        """--share-prompt-forward, unless --activation-checkpointing asks for the lower peak of whole rows (the
+        rows' KV cache of a shared prompt is not checkpointed)."""
+        return self.share_prompt_forward and not self.activation_checkpointing
+
     def check(self):
         """The flags every trainer shares, each in its range (rl/config.py reports a failure as exit 2)."""
         must(self.lr > 0, "lr", "must be > 0", self.lr)

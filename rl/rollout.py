@@ -63,12 +63,13 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 def shares_prompts(model, batch: Batch) -> bool:
     """Whether completion_logprobs(share_prompts=True) runs the prompt once per group for this batch: some prompt
-    has several rows, and the model is not training with activation checkpointing (a cached forward is not
-    checkpointed, so sharing would raise the activation peak that checkpointing was asked to bound). Under FSDP
-    the two forwards are two collectives: every rank must decide alike, as GRPO's ranks do (same group layout)."""
+    has several rows, and the model does not use activation checkpointing (a cached forward is not checkpointed,
+    and the rows' KV cache would raise the peak that checkpointing was asked to bound; scripts/plan_memory.py
+    plans those runs row by row). Under FSDP the two forwards are two collectives: every rank must decide alike,
+    as GRPO's ranks do (same group layout)."""
     if batch.prompt_of.unique_consecutive().numel() == batch.prompt_of.numel():
         return False
-    return not (model.gradient_checkpointing and torch.is_grad_enabled())
+    return not model.gradient_checkpointing
 
 
 def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
