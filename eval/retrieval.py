@@ -18,8 +18,8 @@ two titles of the synthetic catalogue, `scripts/retrieval_headroom.py` prints it
 InfoNCE logits of a batch are nearly equal and the first updates learn little. Subtracting the catalogue's mean
 embedding before normalising (the mean step of Su et al. 2021, "Whitening Sentence Representations for Better
 Semantics and Faster Retrieval", arXiv 2103.15316) spreads them (cosine 0.00 +- 0.24) without changing what the
-model knows. The mean is a function of the weights: ItemIndex computes it
-with the catalogue on every refresh, and the embedder uses it for users and items until the next refresh.
+model knows. The mean is a function of the weights: ItemIndex computes it with the catalogue on every refresh,
+and the embedder uses it for users and items until the next refresh.
 
 Notation: B users (rows), N catalogue items, T tokens, D hidden size. Pure tensor functions where possible;
 the numpy metrics of eval/metrics.py rank one positive against sampled negatives, these against the catalogue.
