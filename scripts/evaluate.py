@@ -129,7 +129,7 @@ def main(argv=None):
     from data.history import HistoryIndex
     from eval.profile_cache import ProfileCache, sha256_text, weights_hash
     from eval.recommender import Recommender
-    from model import load_model, load_tokenizer
+    from model import load_model, load_tokenizer, merge_lora
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -140,8 +140,10 @@ def main(argv=None):
 
     def get(name, adapter=None):  # load each distinct model once (generator and recommender are often the same)
         if (name, adapter) not in models:
-            models[name, adapter] = (load_model(name, dtype=a.dtype and getattr(torch, a.dtype), adapter=adapter),
-                                     load_tokenizer(name))
+            model = load_model(name, dtype=a.dtype and getattr(torch, a.dtype), adapter=adapter)
+            if adapter:  # only the writer carries one: fold it in, so decoding runs plain matmuls
+                model = merge_lora(model)
+            models[name, adapter] = model, load_tokenizer(name)
         return models[name, adapter]
 
     rec = gen = gen_tok = cache = None

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import load_model, load_tokenizer  # noqa: E402
+from model import load_model, load_tokenizer, merge_lora  # noqa: E402
 from model.sampler import encode_prompts, generate, row_seed  # noqa: E402
 
 
@@ -76,6 +76,8 @@ def main(argv=None):
     items = read_prompts(args.input)
     model = load_model(args.model, dtype=args.dtype and getattr(torch, args.dtype), device=args.device,
                        adapter=args.adapter)
+    if args.adapter:  # folded in: decoding runs plain matmuls
+        model = merge_lora(model)
     tok = load_tokenizer(args.model)
     prompts = encode_prompts(tok, [it["prompt"] if "prompt" in it else it["messages"] for it in items])
 
