@@ -41,6 +41,7 @@ Design
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -49,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from .kv_cache import KVCache
+from .linear import packed_weights
 
 
 @dataclass
@@ -308,16 +310,17 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                        vocab_limit or model.config.vocab_size, min_new_tokens, sync_ranks, stop_texts, decode,
                        check_every or (1 if dev.type == "cpu" else 8), step_fn)
     parts = []
-    for a in range(0, B, step):
-        rows = slice(a, min(a + step, B))
-        # rows b*n + j of this chunk: a copy of prompt b's cache each (group sampling: one prefill, n samples)
-        chunk_cache = cache if direct else cache.repeat_interleave(n, max_len=P + L, rows=rows)
-        if rows.stop == B:
-            cache = None  # the prefill's cache is not needed once the last chunk has its copy
-        parts.append(decoder(chunk_cache, logits[rows].repeat_interleave(n, dim=0), lens[rows],
-                             None if mask is None else mask[rows].repeat_interleave(n, dim=0),
-                             None if u is None else u[rows.start * n:rows.stop * n], n))
-        del chunk_cache
+    with contextlib.nullcontext() if compile_decode else packed_weights(model):  # eager CPU decode: see linear.py
+        for a in range(0, B, step):
+            rows = slice(a, min(a + step, B))
+            # rows b*n + j of this chunk: a copy of prompt b's cache each (group sampling: one prefill, n samples)
+            chunk_cache = cache if direct else cache.repeat_interleave(n, max_len=P + L, rows=rows)
+            if rows.stop == B:
+                cache = None  # the prefill's cache is not needed once the last chunk has its copy
+            parts.append(decoder(chunk_cache, logits[rows].repeat_interleave(n, dim=0), lens[rows],
+                                 None if mask is None else mask[rows].repeat_interleave(n, dim=0),
+                                 None if u is None else u[rows.start * n:rows.stop * n], n))
+            del chunk_cache
     return parts[0] if len(parts) == 1 else _concat(parts, pad_id)
 
 

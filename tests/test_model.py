@@ -198,9 +198,10 @@ def test_unsupported_config_is_a_clear_error(tmp_path, change, match):
 @pytest.mark.parametrize("rows", [1, 3, 16, 129])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_linear_equals_f_linear(rows, bias):
-    """Linear's decode path (W @ x^T for one token per row, no grad, CPU) gives F.linear's values, shape and
-    layout, and each row's result does not depend on the rows beside it (bitwise)."""
-    from model.linear import Linear
+    """Linear's decode path (oneDNN's inner product for one token per row, no grad, fp32 CPU) gives F.linear's
+    values, shape and layout, with the weight as it is or packed by packed_weights (bitwise the same), and each
+    row's result does not depend on the rows beside it (bitwise)."""
+    from model.linear import Linear, packed_weights
 
     torch.manual_seed(rows)
     lin = Linear(48, 80, bias=bias)
@@ -208,8 +209,14 @@ def test_decode_linear_equals_f_linear(rows, bias):
     want = torch.nn.functional.linear(x, lin.weight, lin.bias)
     with torch.no_grad():
         got = lin(x)
+        with packed_weights(lin):
+            assert lin.packed is not None
+            packed = lin(x)
+            assert torch.equal(lin(x[:1]), got[:1]) and torch.equal(lin(x[-2:]), got[-2:])
+    assert lin.packed is None  # dropped on leaving the block: a later update never meets a stale copy
     assert got.shape == want.shape == (rows, 1, 80) and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(packed, got)
     with torch.no_grad():
         assert torch.equal(lin(x[:1]), got[:1]) and torch.equal(lin(x[-2:]), got[-2:])
     y = lin(x)  # grad enabled: the training path, differentiable
@@ -218,20 +225,21 @@ def test_decode_linear_equals_f_linear(rows, bias):
     assert lin.weight.grad is not None
 
 
-def test_decode_linear_chunked_rows_equal_one_product():
-    """A weight with many rows (an lm_head) is multiplied a chunk of rows at a time in decode steps: the same
-    values, bitwise, as the single product, and F.linear's up to rounding."""
-    from model.linear import Linear
+def test_packed_weights_only_where_they_apply():
+    """packed_weights packs fp32 CPU Linears only, not a model that computes under autocast, and a Linear under
+    autocast keeps F.linear (bf16 products) even in a decode step."""
+    from model.linear import Linear, packed_weights
 
     torch.manual_seed(0)
-    lin = Linear(24, 4 * Linear.CHUNK_ROWS + 3, bias=False)  # a last chunk shorter than the others
-    x = torch.randn(16, 1, 24)
-    with torch.no_grad():
-        got = lin(x)
-        one = torch.mm(lin.weight, x[:, 0].t()).t()
-    assert got.shape == (16, 1, lin.out_features) and got.is_contiguous()
-    assert torch.equal(got[:, 0], one)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+    lins = torch.nn.Sequential(Linear(8, 8), Linear(8, 8).to(torch.bfloat16))
+    with packed_weights(lins):
+        assert lins[0].packed is not None and lins[1].packed is None
+    lins.autocast_dtype = torch.bfloat16
+    with packed_weights(lins):
+        assert lins[0].packed is None
+    x = torch.randn(4, 1, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lins[0](x).dtype == torch.bfloat16
 
 
 def test_decode_step_mask_without_host_sync_equals_general_mask():
