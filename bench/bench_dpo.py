@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from bench.bench_side import installed_version, run_side  # noqa: E402
+from bench.bench_side import installed_version, peak_rss_mb, run_side  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PAIRS, PROMPT_TOKENS, PROFILE_TOKENS, MICRO_PAIRS, BETA = 16, 450, 100, 2, 0.1
@@ -69,10 +68,6 @@ def make_pairs(tokenizer, prompt_tokens: int = PROMPT_TOKENS, profile_tokens: in
         rejected = cut_text(tokenizer, rng, profile_tokens - 1, "Profile: ")
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def summary(times: list[float]) -> dict:

@@ -48,14 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from bench.bench_side import installed_version, run_side  # noqa: E402
+from bench.bench_side import installed_version, peak_rss_mb, run_side  # noqa: E402
 from rl.envs import token_share  # noqa: E402  (the toy reward, the same on both sides)
 
 MODEL = "smollm2-135m-instruct"
@@ -84,10 +83,6 @@ def prompt_messages(tokenizer, tokens: int = PROMPT_TOKENS, n: int = N_PROMPTS, 
 
 def target_token(tokenizer) -> int:
     return int(tokenizer.encode(" the", add_special_tokens=False)[0])
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def summary(times: list[float], phases: dict[str, list[float]]) -> dict:
@@ -144,9 +139,11 @@ def run_ours(a) -> dict:
         t0 = time.perf_counter()
         m = grpo_trainer.grpo_step(step, cfg, models, env, run, d)
         dt = time.perf_counter() - t0
+        mem = {k[len("mem_peak_gib_"):]: round(v * 1024) for k, v in m.items() if k.startswith("mem_peak_gib_")}
         print(f"ours step {step}{' (warm-up)' if step == 0 else ''}: {dt:.2f} s, rollout {m['time_rollout']:.2f} "
               f"scoring {m['time_scoring']:.2f} update {m['time_update']:.2f}, response length "
-              f"{m['response_length']:.0f}, reward {m['reward_mean']:.4f}, kl {m['kl']:.2e}", flush=True)
+              f"{m['response_length']:.0f}, reward {m['reward_mean']:.4f}, kl {m['kl']:.2e}, peak RSS MiB by phase "
+              f"{mem}", flush=True)
         if step == 0:
             continue
         times.append(dt)
@@ -154,7 +151,7 @@ def run_ours(a) -> dict:
             phases[k].append(m[f"time_{k}"])
     out = summary(times, phases)
     out.update(prompt_tokens=[len(p) for p in prompts], response_length=m["response_length"],
-               old_logprobs=a.old_logprobs)
+               old_logprobs=a.old_logprobs, peak_rss_mb_by_phase=mem)
     return out
 
 
@@ -322,7 +319,9 @@ def main():
                       "ok": None if ratio is None else ratio >= 2.5 and ours["peak_rss_mb"] <= 0.6 * trl["peak_rss_mb"],
                       "trl": trl_version or "not installed",
                       "ours_phases": ours["phases"], "trl_phases": t("phases"),
-                      "ours_peak_rss_mb": ours["peak_rss_mb"], "trl_peak_rss_mb": t("peak_rss_mb"),
+                      "ours_peak_rss_mb": ours["peak_rss_mb"],
+                      "ours_peak_rss_mb_by_phase": ours.get("peak_rss_mb_by_phase"),
+                      "trl_peak_rss_mb": t("peak_rss_mb"),
                       "ours_steps_s": ours["steps_s"], "trl_steps_s": t("steps_s"),
                       "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": t("prompt_tokens"),
                       "response_length": ours["response_length"], "trl_response_length": t("response_length"),

@@ -35,3 +35,14 @@ def run_side(script: str, side: str, args: list[str]) -> dict:
         print("\n".join(lines[-80:]), file=sys.stderr)
         raise SystemExit(f"--side {side} failed (exit {proc.returncode})")
     return json.loads(lines[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB. Our trainers reset the kernel's high-water mark to log each phase's peak
+    (rl/memory.py), which ru_maxrss then forgets; rl.memory keeps the peak across resets."""
+    import resource
+
+    from rl.memory import process_peak_rss
+
+    peak = process_peak_rss()
+    return peak / 2**20 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -251,7 +251,7 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
 
 def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run: loop.Run, d: dist.Dist) -> dict:
     policy = models.policy
-    peaks = PhasePeaks(d.device)  # the step's peak of allocated memory (CUDA), logged as mem_peak_gib_update
+    peaks = PhasePeaks(d.device)  # the step's peak (CUDA allocated; CPU resident), logged as mem_peak_gib_update
     global_idx = loop.step_indices(step, cfg.pairs_per_step, len(encoded), cfg.seed)
     mine = [global_idx[p] for p in loop.rank_share(cfg.pairs_per_step, cfg.pairs_per_step, d)]
     policy.train()

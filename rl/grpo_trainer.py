@@ -195,7 +195,7 @@ class TokenMeans:
 
 def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: loop.Run, d: dist.Dist) -> dict:
     policy, tok, G = models.policy, models.tokenizer, cfg.group_size
-    peaks = PhasePeaks(d.device)  # the peak of allocated memory in each phase (CUDA), logged as mem_peak_gib_*
+    peaks = PhasePeaks(d.device)  # each phase's peak (CUDA allocated; CPU resident), logged as mem_peak_gib_*
     t0 = time.perf_counter()
     # 1-2. this rank's prompts and their G samples each
     episodes, out = rollout(step, cfg, models, env, d)
@@ -282,12 +282,15 @@ def step_metrics(cfg: GRPOConfig, episodes: list[Episode], means: TokenMeans, lo
     rewards = torch.cat([e.rewards for e in episodes])  # (N * G,)
     failed = torch.cat([e.failed for e in episodes]).float()
     lengths = float(sum(len(c) for e in episodes for c in e.completions))
+    spread = sum(float(e.rewards.std(correction=0)) for e in episodes)  # within each group: what GRPO compares
     tot = dist.all_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), failed.sum(), len(rewards), lengths,
-                                     adv_m["zero_std_frac"] * len(episodes)], dtype=torch.float64), d).tolist()
+                                     adv_m["zero_std_frac"] * len(episodes), spread], dtype=torch.float64),
+                       d).tolist()
     n_rows = tot[3]
     mean = tot[0] / n_rows
     metrics.update(
         reward_mean=mean, reward_std=math.sqrt(max(0.0, tot[1] / n_rows - mean ** 2)),
+        reward_group_std=tot[6] / (n_rows / G),  # the mean within-group spread (std of a group's G rewards)
         format_failure_rate=tot[2] / n_rows, response_length=tot[4] / n_rows, zero_adv_group_frac=tot[5] / (n_rows / G),
         ratio_max=float(dist.all_max(torch.tensor(ratio_max), d)), grad_norm=sum(grad_norms) / len(grad_norms),
         lr=run.scheduler.get_last_lr()[0])

@@ -383,9 +383,42 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+_rss_peak_before_reset = 0  # the process's peak resident set before the last reset_rss_high_water()
+
+
+def rss_high_water() -> int | None:
+    """The peak resident set size in bytes since the process started or reset_rss_high_water() (Linux: VmHWM of
+    /proc/self/status), None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_rss_high_water():
+    """Start the high-water mark again from the current resident set (Linux: 5 to /proc/self/clear_refs); the
+    peak so far is kept for process_peak_rss."""
+    global _rss_peak_before_reset
+    _rss_peak_before_reset = max(_rss_peak_before_reset, rss_high_water() or 0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def process_peak_rss() -> int | None:
+    """The process's peak resident set size in bytes over its whole life, resets included (getrusage's ru_maxrss
+    forgets what a reset cleared)."""
+    now = rss_high_water()
+    return None if now is None else max(now, _rss_peak_before_reset)
+
+
 class PhasePeaks:
-    """The peak of allocated memory in each phase of a step: torch.cuda's statistics on CUDA, an active
-    `LiveBytes` elsewhere (nothing is measured without one). end(name) closes a phase and starts the next."""
+    """The peak memory of each phase of a step: allocated memory from torch.cuda's statistics on CUDA; elsewhere
+    the bytes of an active `LiveBytes` when there is one, else the process's resident set (Linux), which also
+    counts the allocator's slack and everything outside torch. end(name) closes a phase and starts the next."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -397,12 +430,16 @@ class PhasePeaks:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif LiveBytes.current is not None:
             LiveBytes.current.reset_peak()
+        else:
+            reset_rss_high_water()
 
     def end(self, name: str):
         if self.device.type == "cuda":
             self.peaks[name] = torch.cuda.max_memory_allocated(self.device)
         elif LiveBytes.current is not None:
             self.peaks[name] = LiveBytes.current.peak
+        elif (rss := rss_high_water()) is not None:
+            self.peaks[name] = rss
         self._reset()
 
     def metrics(self) -> dict[str, float]:

@@ -60,6 +60,9 @@ def test_toy_reward_rises(tmp_path):
     for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "ratio_max", "entropy", "grad_norm", "lr",
               "zero_adv_group_frac", "response_length", "time_rollout", "tokens_per_second"):
         assert torch.isfinite(torch.tensor(last[f"train/{k}"])), k
+    # a group's spread is part of the whole batch's: mean within-group std <= the batch's std (total variance)
+    assert all(0 <= m["train/reward_group_std"] <= m["train/reward_std"] + 1e-9 for m in read_metrics(tmp_path))
+    assert any(m["train/reward_group_std"] > 0 for m in read_metrics(tmp_path))
 
 
 def test_rollout_in_chunks_equals_one_batch(tmp_path):
@@ -200,7 +203,7 @@ def test_duet_env_runs_and_checkpoint_loads_in_transformers(tmp_path):
     last = train(cfg)
     # a 260K story model writes no DUET tags: every rollout is a format failure with reward -1
     assert last["format_failure_rate"] == 1.0 and last["reward_mean"] == -1.0
-    assert last["zero_adv_group_frac"] == 1.0 and abs(last["pg_loss"]) < 1e-6
+    assert last["zero_adv_group_frac"] == 1.0 and abs(last["pg_loss"]) < 1e-6 and last["reward_group_std"] == 0.0
     assert "val_reward" in last and last["val_format_failure_rate"] == 1.0
     rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
     assert rows[0]["step"] == 0 and "val/reward" in rows[0]  # the curve's starting point, before any update
