@@ -8,6 +8,7 @@ process has: weights and optimizer state, the sampler's caches, activations with
 chunked or whole logits. FSDP's gathered copies and gradient buffers and the bf16 byte counts are estimates
 (only a GPU run, scripts/gpu_check.sh, measures them)."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -111,3 +112,21 @@ def test_plan_against_measured_cpu_step(tmp_path, extra):
     for phase, key in (("rollout", "rollout"), ("old/ref log-probs", "logprobs"), ("update", "update")):
         measured = metrics[f"mem_peak_gib_{key}"] * 2**30
         assert 0.8 * totals[phase] <= measured <= 1.05 * totals[phase], (phase, measured, totals[phase])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_phase_peaks_on_the_cpu_are_resident_set_peaks():
+    """Without a LiveBytes, PhasePeaks on the CPU reports each phase's peak resident set: a phase that touched
+    256 MiB shows it, the next (smaller) phase does not, and the process's peak keeps the larger."""
+    from rl.memory import PhasePeaks, process_peak_rss
+
+    peaks = PhasePeaks("cpu")
+    x = torch.ones(64 * 2**20)  # 256 MiB, written
+    del x
+    peaks.end("big")
+    y = torch.ones(2**20)  # 4 MiB
+    del y
+    peaks.end("small")
+    assert peaks.peaks["big"] - peaks.peaks["small"] > 200 * 2**20
+    assert process_peak_rss() >= peaks.peaks["big"]
+    assert set(peaks.metrics()) == {"mem_peak_gib_big", "mem_peak_gib_small"}
