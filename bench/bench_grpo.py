@@ -23,6 +23,9 @@ Matching the two sides
   and values (--share-prompt-forward, on by default: 500 + 4 x 128 instead of 4 x 628 tokens per group in the
   reference forward and the update); TRL runs every row whole. Same log-probs and gradients either way
   (tests/test_rl_math.py); `--no-share-prompts` times ours without it.
+- Activation checkpointing: TRL's GRPOConfig turns gradient checkpointing on by default, so both sides recompute
+  each block in the backward (ours with the shared prompts' cached keys/values as the blocks' inputs);
+  `--no-activation-checkpointing` turns it off on both.
 - Each side runs in its own child process (this script re-invoked with --side ours / --side trl) so that the
   peak RSS (ru_maxrss) of one does not include the other. Steps: one warm-up step, then --steps timed steps.
 
@@ -121,6 +124,7 @@ def run_ours(a) -> dict:
                         micro_batch_rows=MICRO_ROWS, ppo_epochs=1, kl_coef=KL, lr=1e-6, log_text_every=0,
                         max_steps=a.steps + 1, device="cpu", lora_rank=a.lora_rank,
                         share_prompt_forward=not a.no_share_prompts,
+                        activation_checkpointing=a.activation_checkpointing,
                         trainable_layers=a.trainable_layers)
     models = build_models(cfg, None, d)
     tok = models.tokenizer
@@ -228,7 +232,7 @@ def run_trl(a) -> dict:
         num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=1e-6,
         weight_decay=0.01, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, use_vllm=False,
         max_steps=a.steps + 1, report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
-        log_completions=False, seed=0, dataloader_num_workers=0)
+        log_completions=False, seed=0, dataloader_num_workers=0, gradient_checkpointing=a.activation_checkpointing)
     trainer = TimedGRPOTrainer(model=path, reward_funcs=reward_token_share, args=args, train_dataset=dataset,
                                callbacks=[StepTimer()], peft_config=peft_config)
     trainer.train()
@@ -247,7 +251,8 @@ def child(side: str, a, lora_rank: int = 0, trainable_layers: int = 0) -> dict:
                                      "--new-tokens", str(a.new_tokens), "--model", a.model,
                                      "--prompts", str(a.prompts), "--lora-rank", str(lora_rank),
                                      "--trainable-layers", str(trainable_layers)]
-                    + (["--no-share-prompts"] if a.no_share_prompts else []))
+                    + (["--no-share-prompts"] if a.no_share_prompts else [])
+                    + ([] if a.activation_checkpointing else ["--no-activation-checkpointing"]))
 
 
 def main():
@@ -263,6 +268,9 @@ def main():
                    help=f"prompts per step, {G} samples each, micro-batches of {MICRO_ROWS} rows (default 4)")
     p.add_argument("--no-share-prompts", action="store_true",
                    help="ours: run every row whole (prompt + completion), as TRL does")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="both sides recompute each block's activations in the backward (TRL's GRPOConfig default, "
+                        "gradient_checkpointing=True); --no-activation-checkpointing: neither side")
     p.add_argument("--side", choices=["ours", "trl"], help="run one side in this process (used internally)")
     p.add_argument("--lora-rank", type=int, default=0, help="(one side) the policy with LoRA adapters of this rank")
     p.add_argument("--trainable-layers", type=int, default=0, help="(one side) train only our top N blocks")
@@ -325,7 +333,8 @@ def main():
                       "ours_steps_s": ours["steps_s"], "trl_steps_s": t("steps_s"),
                       "prompt_tokens": ours["prompt_tokens"], "trl_prompt_tokens": t("prompt_tokens"),
                       "response_length": ours["response_length"], "trl_response_length": t("response_length"),
-                      "share_prompts": not a.no_share_prompts, "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads,
+                      "share_prompts": not a.no_share_prompts, "activation_checkpointing": a.activation_checkpointing,
+                      "old_logprobs": a.old_logprobs, "new_tokens": a.new_tokens, "steps": a.steps, "threads": a.threads,
                       "model": a.model, "prompts": a.prompts, "variants": variants}))
 
 

@@ -27,6 +27,14 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """update's write, out of place: this layer's buffers become new tensors with k, v at [pos, pos + T), the
+        old ones unchanged (autograd may hold views of them: a checkpointed block's inputs)."""
+        end = self.pos + k.shape[2]
+        for bufs, new in ((self.k, k), (self.v, v)):
+            old = bufs[layer]
+            bufs[layer] = torch.cat([old[:, :, :self.pos], new.to(old.dtype), old[:, :, end:]], dim=2)
+
     def advance(self, T: int):
         self.pos += T
 

@@ -182,6 +182,27 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class _PastKV:
+    """The keys/values (B, KV, S0, hd) before a forward's tokens, as a cache that writes nothing: update returns
+    them followed by the new ones and keeps the new ones in `new`. A checkpointed block runs on it, so that its
+    recomputation in the backward sees the same keys and changes no buffer."""
+
+    def __init__(self, k, v):
+        self.k, self.v, self.new = k, v, None
+
+    def update(self, layer: int, k, v):
+        self.new = k, v
+        return torch.cat([self.k, k.to(self.k.dtype)], dim=2), torch.cat([self.v, v.to(self.v.dtype)], dim=2)
+
+
+def _block_on_past(block, x, cos, sin, mask, past_k, past_v):
+    """One block over T new tokens after the cached keys/values past_k, past_v: -> x, and the tokens' k, v
+    (B, KV, T, hd)."""
+    past = _PastKV(past_k, past_v)
+    x = block(x, cos, sin, mask, past, 0)
+    return x, *past.new
+
+
 class Decoder(nn.Module):
     """Holds the HF `model.` prefix: embed_tokens, layers, norm."""
 
@@ -329,6 +350,13 @@ class Transformer(nn.Module):
                     x = block(x, cos, sin, mask, kv_cache, i)
             elif self.gradient_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            elif self.gradient_checkpointing and self.training and isinstance(kv_cache, KVCache):
+                # a cached training forward (rl/rollout.py's shared prompts): the block reads the keys/values before
+                # these tokens as inputs and returns its own, put in the cache outside the recomputed part
+                pos = kv_cache.pos
+                x, k, v = checkpoint(_block_on_past, block, x, cos, sin, mask, kv_cache.k[i][:, :, :pos],
+                                     kv_cache.v[i][:, :, :pos], use_reentrant=False)
+                kv_cache.put(i, k, v)
             else:
                 x = block(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:

@@ -48,7 +48,7 @@ class RunConfig:
     share_prompt_forward: bool = field(default=True, metadata={
         "help": "rows that share a prompt (GRPO's G samples, DPO's chosen and rejected) run it once per micro-batch, "
                 "their completions on its copied keys/values (rl/rollout.shared_prompt_logprobs): the same "
-                "log-probs, fewer tokens; not with activation checkpointing, where each row runs whole"})
+                "log-probs, fewer tokens"})
     device: str = field(default="", metadata={"help": "cpu | cuda; empty: cuda when available"})
     fsdp: bool = field(default=False, metadata={
         "help": "under torchrun with one process, still join the process group (nccl on CUDA) and shard with "
@@ -68,9 +68,9 @@ class RunConfig:
                 "is slow, for tests of the GPU path). The policy's master weights stay float32"})
 
     def shares_prompts(self) -> bool:
-        """--share-prompt-forward, unless --activation-checkpointing asks for the lower peak of whole rows (the
-        rows' KV cache of a shared prompt is not checkpointed)."""
-        return self.share_prompt_forward and not self.activation_checkpointing
+        """--share-prompt-forward (with or without activation checkpointing: a checkpointed block takes the
+        prompt's cached keys/values as inputs, model/transformer.py)."""
+        return self.share_prompt_forward
 
     def check(self):
         """The flags every trainer shares, each in its range (rl/config.py reports a failure as exit 2)."""

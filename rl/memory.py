@@ -183,15 +183,18 @@ def rollout_parts(s: Shapes, prompts: int, G: int, P: int, L: int, chunk: int, c
     return prefill if sum(prefill.values()) > sum(decode.values()) else decode
 
 
-def logprob_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, temperature: float = 1.0) -> dict[str, int]:
+def logprob_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, temperature: float = 1.0,
+                  shared: bool = False) -> dict[str, int]:
     """One micro-batch's no-grad forward for old or reference log-probs: a block's working set, or the head's
-    once the blocks are done, whichever is larger."""
+    once the blocks are done, whichever is larger; with shared prompts (rl/rollout.shared_prompt_logprobs) also
+    the rows' KV cache of P + L slots, held through the forward (planned per row: an upper bound)."""
     T = P + L
     blocks = rows * T * forward_working_bytes(s, c) + rows * T * T * (1 + c)  # the bool mask and SDPA's float one
     head = logits_bytes(rows, L, s.vocab, chunk, c, training=False, entropy=False, temperature=temperature)
+    cache = {"rows' KV cache (shared prompts)": rows * T * s.kv_bytes_per_slot(c)} if shared else {}
     if blocks >= head:
-        return {"forward activations and attention mask (one block)": blocks}
-    return {"logits": head, "hidden states": rows * (L + 1) * s.hidden * (c + 4)}
+        return {"forward activations and attention mask (one block)": blocks, **cache}
+    return {"logits": head, "hidden states": rows * (L + 1) * s.hidden * (c + 4), **cache}
 
 
 def update_parts(s: Shapes, rows: int, P: int, L: int, chunk: int, c: int, checkpointing: bool, sharded: bool,
@@ -253,10 +256,11 @@ def load_parts(s: Shapes, gpus: int, sharded: bool, c: int, reference: Shapes | 
 
 
 def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None = None,
-              fsdp: bool | None = None) -> Phases:
+              fsdp: bool | None = None, cpu: bool = False) -> Phases:
     """Per-rank memory of each phase of a GRPO step (rl/grpo_trainer.grpo_step) under cfg's flags. c: bytes of the
     compute dtype (2: bf16, 4: fp32); recommender: the shapes of a separate --recommender (None: the reference);
-    fsdp: whether the models are sharded (default: with several GPUs; --fsdp shards on one)."""
+    fsdp: whether the models are sharded (default: with several GPUs; --fsdp shards on one); cpu: a CPU process,
+    whose fp32 sampler holds a packed copy of the policy's weights while it decodes (model/linear.py)."""
     sharded = gpus > 1 if fsdp is None else fsdp
     from .distributed import Dist
     from .grpo_trainer import rollout_chunk_prompts
@@ -273,9 +277,11 @@ def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None 
     phases = {
         "load": load_parts(s, gpus, sharded, c, reference, others),
         "rollout": {**held, **_gathered(s, sharded, c, True, reference),
-                    **rollout_parts(s, prompts, G, P, L, chunk, c, cfg.top_p)},
+                    **rollout_parts(s, prompts, G, P, L, chunk, c, cfg.top_p),
+                    **({"packed decode weights": s.params * 4} if cpu and c == 4 and not sharded else {})},
         "old/ref log-probs": {**held, **_gathered(s, sharded, c, False, reference),
-                              **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.temperature)},
+                              **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.temperature,
+                                              cfg.shares_prompts() and G > 1)},
         "update": {**_weights(s, trainable, gpus, c, True, reference, others),
                    **_gathered(s, sharded, c, False, reference),
                    **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing,
@@ -315,7 +321,8 @@ def dpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, explorers: list[Shapes] | No
     phases["reference log-probs"] = {**before_training,
                                      **{k: v for k, v in _gathered(s, sharded, c, False, reference).items()
                                         if not k.startswith("policy")},
-                                     **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c)}
+                                     **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c,
+                                                     shared=cfg.shares_prompts())}
     phases["update"] = {**_weights(s, trainable, gpus, c, True, reference, others),
                         **_gathered(s, sharded, c, False, reference),
                         **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing,
@@ -363,14 +370,17 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.live
 
     def _add(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
+        if t.is_mkldnn:  # oneDNN's opaque layout (the sampler's packed weights, model/linear.py): no storage
+            owner, key, size = t, id(t), t.numel() * t.element_size()
+        else:
+            owner = t.untyped_storage()
+            key, size = owner.data_ptr(), owner.nbytes()
         if size == 0 or key in self._sizes:
             return
         self._sizes[key] = size
         self.live += size
         self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._release, key)
+        weakref.finalize(owner, self._release, key)
 
     def _release(self, key: int):
         self.live -= self._sizes.pop(key, 0)

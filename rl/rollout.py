@@ -63,13 +63,9 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 def shares_prompts(model, batch: Batch) -> bool:
     """Whether completion_logprobs(share_prompts=True) runs the prompt once per group for this batch: some prompt
-    has several rows, and the model does not use activation checkpointing (a cached forward is not checkpointed,
-    and the rows' KV cache would raise the peak that checkpointing was asked to bound; scripts/plan_memory.py
-    plans those runs row by row). Under FSDP the two forwards are two collectives: every rank must decide alike,
-    as GRPO's ranks do (same group layout)."""
-    if batch.prompt_of.unique_consecutive().numel() == batch.prompt_of.numel():
-        return False
-    return not model.gradient_checkpointing
+    has several rows. Under FSDP the two forwards are two collectives: every rank must decide alike, as GRPO's
+    ranks do (same group layout)."""
+    return batch.prompt_of.unique_consecutive().numel() != batch.prompt_of.numel()
 
 
 def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,

@@ -97,7 +97,7 @@ def measured_and_planned(tmp_path, extra):
         metrics = grpo_step(1, cfg, models, env, run, d)
     adam = sum(t.untyped_storage().nbytes() for s in run.optimizer.state.values() for t in s.values())
     assert metrics["response_length"] > 40  # the micro-batch is as long as planned (48 new tokens)
-    plan = grpo_plan(cfg, model_shapes(model_config(STORIES)), gpus=1, c=4)
+    plan = grpo_plan(cfg, model_shapes(model_config(STORIES)), gpus=1, c=4, cpu=True)
     return metrics, adam, plan
 
 

@@ -170,8 +170,9 @@ def test_shared_prompt_forward_equals_one_forward_per_row(chunk):
     """completion_logprobs(share_prompts=True): each distinct prompt runs once and its keys and values are copied
     to its rows. Log-probs, entropies and every gradient equal the plain per-row forward's (float64 weights,
     1e-6), with prompts of different lengths (left padding), completions of different lengths (right padding),
-    groups of different sizes in one batch (a micro-batch may cut a group), LoRA adapters on, and under no_grad.
-    Gradients within 1e-6 of each tensor's largest entry: the log-softmax runs in fp32 whatever the weights."""
+    groups of different sizes in one batch (a micro-batch may cut a group), LoRA adapters on, activation
+    checkpointing on (the cached blocks recomputed in the backward), and under no_grad. Gradients within 1e-6 of
+    each tensor's largest entry: the log-softmax runs in fp32 whatever the weights."""
     from model import load_model
     from model.lora import add_lora
     from rl.rollout import shares_prompts
@@ -184,8 +185,9 @@ def test_shared_prompt_forward_equals_one_forward_per_row(chunk):
     assert batch.prompt_of.tolist() == [0, 0, 1, 1, 1, 2, 2, 2] and shares_prompts(model, batch)
     weights = torch.randn(batch.completion.shape)
 
-    def run(share):
+    def run(share, checkpointing=False):
         model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing = checkpointing
         logp, ent = completion_logprobs(model, batch, 0.8, with_entropy=True, vocab_limit=400, chunk_tokens=chunk,
                                         share_prompts=share)
         (logp * weights * batch.mask).sum().backward()
@@ -199,12 +201,14 @@ def test_shared_prompt_forward_equals_one_forward_per_row(chunk):
                     if "lora_B" in n:
                         p.normal_()  # B = 0 would hide the adapters
         logp, ent, grads = run(False)
-        s_logp, s_ent, s_grads = run(True)
-        torch.testing.assert_close(s_logp, logp, rtol=0, atol=1e-6)
-        torch.testing.assert_close(s_ent, ent, rtol=0, atol=1e-6)
-        assert grads.keys() == s_grads.keys() and len(grads) > 0
-        for name, g in grads.items():  # the log-softmax is fp32 whatever the weights: 1e-6 of the largest entry
-            assert float((s_grads[name] - g).abs().max()) <= 1e-6 * max(1.0, float(g.abs().max())), name
+        for checkpointing in (False, True):
+            s_logp, s_ent, s_grads = run(True, checkpointing)
+            torch.testing.assert_close(s_logp, logp, rtol=0, atol=1e-6)
+            torch.testing.assert_close(s_ent, ent, rtol=0, atol=1e-6)
+            assert grads.keys() == s_grads.keys() and len(grads) > 0
+            for name, g in grads.items():  # the log-softmax is fp32 whatever the weights: 1e-6 of the largest
+                assert float((s_grads[name] - g).abs().max()) <= 1e-6 * max(1.0, float(g.abs().max())), name
+        model.gradient_checkpointing = False
     with torch.no_grad():
         torch.testing.assert_close(completion_logprobs(model, batch, 0.8, vocab_limit=400, chunk_tokens=chunk,
                                                        share_prompts=True)[0], logp, rtol=0, atol=1e-6)
