@@ -18,6 +18,7 @@ from model.lora import PROJECTIONS, AdaptersOff, add_lora, add_lora_as, adapter_
 from . import checkpoints
 from . import distributed as dist
 from .config import ConfigError, must, one_of, save_config
+from .memory import return_freed_memory_to_os
 from .optim import make_optimizer, make_scheduler
 from .tracking import Tracker
 
@@ -159,6 +160,8 @@ def build_models(cfg, resume_from: Path | None, d: dist.Dist) -> Models:
     the checkpoint `resume_from`. Under FSDP each model is sharded before its weights are read (`load_on_ranks`).
     """
     compute = resolve_dtype(cfg.dtype, d.device)
+    if d.device.type == "cpu":
+        return_freed_memory_to_os()  # a step's freed activations leave the resident set (rl/memory.py)
     with dist.local_main_first(d):  # each source is converted or downloaded once per node
         for source in dict.fromkeys(s for s in (cfg.model, cfg.recommender) if s != "reference"):
             resolve_model(source)

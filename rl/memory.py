@@ -393,6 +393,22 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def return_freed_memory_to_os(threshold: int = 128 * 1024) -> bool:
+    """Serve every allocation of `threshold` bytes or more by its own mmap, returned to the OS when freed (glibc's
+    mallopt(M_MMAP_THRESHOLD)). glibc otherwise raises that threshold as large blocks are freed, and the freed
+    activations of one step stay in the heap, resident, under the next step's: a CPU GRPO step of SmolLM2-135M
+    peaked ~0.7 GB higher (bench/bench_grpo.py). The cost is a page fault per fresh page of a large tensor.
+    Returns whether it applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 _rss_peak_before_reset = 0  # the process's peak resident set before the last reset_rss_high_water()
 
 
