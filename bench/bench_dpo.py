@@ -107,7 +107,7 @@ def run_ours(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(tmp) / "ref_logps.json",
-                                 {"bench": a.model}, tok.vocab_size, share_prompts=cfg.shares_prompts())
+                                 {"bench": a.model}, tok.vocab_size, share_prompts=cfg.share_prompt_forward)
         print(f"ours reference log-probs (once, not timed in the step): {time.perf_counter() - t0:.2f} s", flush=True)
     optimizer = make_optimizer(models.policy, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, 0, cfg.max_steps, "constant")

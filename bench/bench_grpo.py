@@ -27,7 +27,7 @@ Matching the two sides
   each block in the backward (ours with the shared prompts' cached keys/values as the blocks' inputs);
   `--no-activation-checkpointing` turns it off on both.
 - Each side runs in its own child process (this script re-invoked with --side ours / --side trl) so that the
-  peak RSS (ru_maxrss) of one does not include the other. Steps: one warm-up step, then --steps timed steps.
+  peak RSS of one does not include the other. Steps: one warm-up step, then --steps timed steps.
 
 Phases. Ours, from grpo_step's metrics: rollout (sampling), scoring (rewards, advantages), update (old and
 reference log-probs, PPO micro-batches, optimizer). TRL, from wrappers around its methods: rollout

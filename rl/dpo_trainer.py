@@ -217,7 +217,7 @@ def train(cfg: DPOConfig, preset: str | None = None) -> dict:
     encoded = encode_pairs(pairs, models.tokenizer, ds, hx, cfg)
     ref = reference_logprobs(models.reference, encoded, cfg.micro_batch_pairs, d, Path(cfg.run_dir) / "ref_logps.json",
                              reference_key(cfg), models.tokenizer.vocab_size, average_logps(cfg),
-                             cfg.logprob_chunk_tokens, cfg.shares_prompts())
+                             cfg.logprob_chunk_tokens, cfg.share_prompt_forward)
 
     from eval.recommender import Recommender
 
@@ -261,7 +261,7 @@ def dpo_step(step, cfg: DPOConfig, models: loop.Models, encoded, pairs, ref, run
     for s in range(0, len(mine), cfg.micro_batch_pairs):
         idx = mine[s:s + cfg.micro_batch_pairs]
         pc, pr = pair_logprobs(policy, encoded, idx, models.tokenizer.vocab_size, average_logps(cfg),
-                               cfg.logprob_chunk_tokens, cfg.shares_prompts())
+                               cfg.logprob_chunk_tokens, cfg.share_prompt_forward)
         rc, rr = ref[idx, 0].to(pc.device), ref[idx, 1].to(pc.device)
         loss, m = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                            loss_type=cfg.loss_type, global_pairs=cfg.pairs_per_step)

@@ -210,7 +210,7 @@ def grpo_step(step: int, cfg: GRPOConfig, models: loop.Models, env: Env, run: lo
     peaks.end("score")
     t2 = time.perf_counter()
     # 5. old and reference log-probs, before any update (over the tokenizer's ids only, as the sampler's)
-    V, chunk, share = tok.vocab_size, cfg.logprob_chunk_tokens, cfg.shares_prompts()
+    V, chunk, share = tok.vocab_size, cfg.logprob_chunk_tokens, cfg.share_prompt_forward
     batch = make_batch([e.prompt_ids for e in episodes], [c for e in episodes for c in e.completions],
                        tok.pad_token_id, repeat=G).to(d.device)
     with torch.no_grad():

@@ -327,11 +327,11 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
     V = tok.vocab_size
     with torch.no_grad():  # pi_old: the policy before the update, recomputed on the update's own batch
         old_tok = batched_logprobs(policy, batch, len(comps), cfg.temperature, V, cfg.logprob_chunk_tokens,
-                                   cfg.shares_prompts())
+                                   cfg.share_prompt_forward)
         old = (old_tok * batch.mask).sum(1)  # (2P,) sequence log-probs
         if cfg.kl_coef:
             ref = (batched_logprobs(models.reference, batch, cfg.micro_batch_rows, cfg.temperature, V,
-                                    cfg.logprob_chunk_tokens, cfg.shares_prompts()) * batch.mask).sum(1)
+                                    cfg.logprob_chunk_tokens, cfg.share_prompt_forward) * batch.mask).sum(1)
             shaped = kl_penalised(rewards, old, ref, cfg.kl_coef)
         else:
             shaped = rewards
@@ -340,7 +340,7 @@ def writer_step(step: int, cfg: LangPTuneConfig, models: loop.Models, scorer, ds
     shaped = whiten(everyone)[at:at + len(shaped)]  # whitened over the whole step, this rank's rows
     policy.train()
     logp_tok, _ = completion_logprobs(policy, batch, cfg.temperature, vocab_limit=V,
-                                      chunk_tokens=cfg.logprob_chunk_tokens, share_prompts=cfg.shares_prompts())
+                                      chunk_tokens=cfg.logprob_chunk_tokens, share_prompts=cfg.share_prompt_forward)
     if cfg.writer_loss == "rebel":
         logp = (logp_tok * batch.mask).sum(1)
         loss, m = rebel_loss(logp.view(-1, 2), old.view(-1, 2), shaped.view(-1, 2), eta=cfg.eta,

@@ -68,11 +68,6 @@ class RunConfig:
         "help": "compute dtype: bfloat16 | float32; empty: bfloat16 on CUDA, float32 on CPU (bfloat16 on a CPU "
                 "is slow, for tests of the GPU path). The policy's master weights stay float32"})
 
-    def shares_prompts(self) -> bool:
-        """--share-prompt-forward (with or without activation checkpointing: a checkpointed block takes the
-        prompt's cached keys/values as inputs, model/transformer.py)."""
-        return self.share_prompt_forward
-
     def check(self):
         """The flags every trainer shares, each in its range (rl/config.py reports a failure as exit 2)."""
         must(self.lr > 0, "lr", "must be > 0", self.lr)

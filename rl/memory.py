@@ -281,7 +281,7 @@ def grpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, recommender: Shapes | None 
                     **({"packed decode weights": s.params * 4} if cpu and c == 4 and not sharded else {})},
         "old/ref log-probs": {**held, **_gathered(s, sharded, c, False, reference),
                               **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.temperature,
-                                              cfg.shares_prompts() and G > 1)},
+                                              cfg.share_prompt_forward and G > 1)},
         "update": {**_weights(s, trainable, gpus, c, True, reference, others),
                    **_gathered(s, sharded, c, False, reference),
                    **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing,
@@ -322,7 +322,7 @@ def dpo_plan(cfg, s: Shapes, gpus: int, c: int = 2, explorers: list[Shapes] | No
                                      **{k: v for k, v in _gathered(s, sharded, c, False, reference).items()
                                         if not k.startswith("policy")},
                                      **logprob_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c,
-                                                     shared=cfg.shares_prompts())}
+                                                     shared=cfg.share_prompt_forward)}
     phases["update"] = {**_weights(s, trainable, gpus, c, True, reference, others),
                         **_gathered(s, sharded, c, False, reference),
                         **update_parts(s, rows, P, L, cfg.logprob_chunk_tokens, c, cfg.activation_checkpointing,

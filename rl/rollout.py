@@ -61,7 +61,7 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     return Batch(ids, attn, ids[:, P:].clone(), mask, torch.arange(R) // repeat)
 
 
-def shares_prompts(model, batch: Batch) -> bool:
+def shares_prompts(batch: Batch) -> bool:
     """Whether completion_logprobs(share_prompts=True) runs the prompt once per group for this batch: some prompt
     has several rows. Under FSDP the two forwards are two collectives: every rank must decide alike, as GRPO's
     ranks do (same group layout)."""
@@ -83,7 +83,7 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, with_entr
     per group, its keys and values (with their graph) copied to the group's rows, and only the completions run
     per row (see `shared_prompt_logprobs`); the same values up to float rounding, far fewer tokens when P >> L.
     """
-    if share_prompts and shares_prompts(model, batch):
+    if share_prompts and shares_prompts(batch):
         return shared_prompt_logprobs(model, batch, temperature, with_entropy, vocab_limit, chunk_tokens)
     L = batch.completion_len
     if chunk_tokens:

@@ -182,7 +182,7 @@ def test_shared_prompt_forward_equals_one_forward_per_row(chunk):
     prompts = [torch.randint(3, 500, (n,)).tolist() for n in (7, 3, 9)]
     comps = [torch.randint(3, 400, (n,)).tolist() for n in (12, 5, 9, 1, 4, 6, 8, 2, 3)]
     batch = make_batch(prompts, comps, pad_id=0, repeat=3).rows(slice(1, 9))  # groups of 2, 3 and 3 rows
-    assert batch.prompt_of.tolist() == [0, 0, 1, 1, 1, 2, 2, 2] and shares_prompts(model, batch)
+    assert batch.prompt_of.tolist() == [0, 0, 1, 1, 1, 2, 2, 2] and shares_prompts(batch)
     weights = torch.randn(batch.completion.shape)
 
     def run(share, checkpointing=False):
@@ -213,7 +213,7 @@ def test_shared_prompt_forward_equals_one_forward_per_row(chunk):
         torch.testing.assert_close(completion_logprobs(model, batch, 0.8, vocab_limit=400, chunk_tokens=chunk,
                                                        share_prompts=True)[0], logp, rtol=0, atol=1e-6)
     one_each = make_batch(prompts, comps[:3], pad_id=0)  # no prompt shared: the plain path
-    assert not shares_prompts(model, one_each)
+    assert not shares_prompts(one_each)
 
 
 # ---------------------------------------------------------------- GRPO
