@@ -9,8 +9,11 @@ trained writer will show a lower validation MAE with that recommender either.
 
     python scripts/profile_headroom.py --examples 96            # SmolLM2-135M-Instruct on the synthetic default
     python scripts/profile_headroom.py --recommender DIR --data DIR --split valid --examples 256
+    python scripts/profile_headroom.py --data DIR --split test --subset evaluate --examples 512 --review-chars 60 \
+        --only "4/5,round(avg)/5,shown,MF"     # evaluate.py's `--limit 512` examples, four templates
 
-The examples are the trainers' validation subset (the same seeded order, its first --examples). Prints a table
+The examples are the trainers' validation subset (the same seeded order, its first --examples), or with
+`--subset evaluate` the ones `evaluate.py --split S --limit N` scores, so that a template pairs with its folders. Prints a table
 and, last, one JSON line {name: MAE} with the user-mean baseline and the paired standard error of each template
 against "none".
 """
@@ -22,10 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def templates(hx, fill: float, mf):
+def templates(hx, fill: float, mf, seen: int = 8):
     """name -> (user profile or None, item profile or None) as functions of an example. `mf(x)`: a biased MF's
-    prediction for the example (fit on train only)."""
+    prediction for the example (fit on train only); `seen`: how many of the user's ratings a writer's prompt shows."""
     ua = lambda x: hx.user_average(x.user_id, x.timestamp)  # noqa: E731
+    shown = lambda x: [h.rating for h in hx.user_history(x.user_id, x.timestamp, seen, review_chars=0)]  # noqa: E731
+    sa = lambda x: sum(shown(x)) / len(shown(x)) if shown(x) else None  # noqa: E731
     ia = lambda x: hx.item_average(x.item_id, x.timestamp)  # noqa: E731
     f = lambda v: fill if v is None else v  # noqa: E731  (no interaction before: the train mean)
     clip = lambda v: min(5, max(1, round(v)))  # noqa: E731
@@ -35,6 +40,8 @@ def templates(hx, fill: float, mf):
         "user: Usually rates 4/5.": (lambda x: "Usually rates 4/5.", lambda x: None),
         "user: Usually rates 5/5.": (lambda x: "Usually rates 5/5.", lambda x: None),
         "user: Usually rates round(avg)/5.": (lambda x: f"Usually rates {round(f(ua(x)))}/5.", lambda x: None),
+        "user: Usually rates round(avg of the ratings shown)/5.": (lambda x: f"Usually rates {round(f(sa(x)))}/5.",
+                                                                   lambda x: None),
         "user: Usually rates avg/5 (1 decimal)": (lambda x: f"Usually rates {f(ua(x)):.1f}/5.", lambda x: None),
         "item: Listeners rate it about avg/5": (lambda x: None, lambda x: f"Listeners rate it about {f(ia(x)):.1f}/5."),
         "user avg + item avg": (lambda x: f"Usually rates {f(ua(x)):.1f}/5.",
@@ -54,6 +61,11 @@ def main(argv=None):
     p.add_argument("--split", default="valid")
     p.add_argument("--examples", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", choices=("trainers", "evaluate"), default="trainers",
+                   help="which --examples: the trainers' validation order, or evaluate.py's --limit subset")
+    p.add_argument("--review-chars", type=int, default=200, help="review characters in the recommender's prompt")
+    p.add_argument("--shown", type=int, default=8, help="ratings a writer's prompt shows (--user-history)")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only the templates naming one")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
 
@@ -63,6 +75,7 @@ def main(argv=None):
     from data.default import default_dataset_dir
     from data.history import HistoryIndex
     from eval.baselines import BiasedMF
+    from eval.evaluate import build_examples
     from eval.metrics import paired_mae_difference
     from eval.recommender import Recommender
     from model import load_model, load_tokenizer
@@ -73,10 +86,13 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     ds = load_dataset(a.data or default_dataset_dir())
     hx = HistoryIndex(ds)
-    rows = sorted(ds.split(a.split), key=lambda x: (x.timestamp, x.user_id))
+    if a.subset == "evaluate":  # the examples `evaluate.py --split S --limit N` scores
+        rows = build_examples(ds, a.split, a.examples, a.seed)
+    else:
+        rows = sorted(ds.split(a.split), key=lambda x: (x.timestamp, x.user_id))
+        rows = [rows[i] for i in epoch_order(len(rows), 0, a.seed)[:a.examples]]
     if not rows:
         raise SystemExit(f"split {a.split!r} of {a.data or 'the default dataset'} is empty")
-    rows = [rows[i] for i in epoch_order(len(rows), 0, a.seed)[:a.examples]]
     rec = Recommender(load_model(a.recommender), load_tokenizer(a.recommender))
     y = [float(x.rating) for x in rows]
     train = ds.split("train")
@@ -85,8 +101,12 @@ def main(argv=None):
     mf_pred = mf.predict([x.user_id for x in rows], [x.item_id for x in rows]).tolist()
     mf_of = {(x.user_id, x.item_id, x.timestamp): v for x, v in zip(rows, mf_pred)}
     preds = {}
-    for name, (uf, itf) in templates(hx, fill, lambda x: mf_of[(x.user_id, x.item_id, x.timestamp)]).items():
-        ex = [rec_example(hx, ds, x, uf(x), itf(x)) for x in rows]
+    only = [w for w in a.only.split(",") if w]
+    for name, (uf, itf) in templates(hx, fill, lambda x: mf_of[(x.user_id, x.item_id, x.timestamp)],
+                                     a.shown).items():
+        if only and name != "none (10H)" and not any(w in name for w in only):
+            continue
+        ex = [rec_example(hx, ds, x, uf(x), itf(x), a.review_chars) for x in rows]
         preds[name] = rec.score(ex)[0].tolist()
         d = paired_mae_difference(y, preds["none (10H)"], preds[name])
         print(f"{name:40s} MAE {d['mae_b']:.4f}  vs none {d['diff']:+.4f} +- {d['se']:.4f}  "
