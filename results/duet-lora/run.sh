@@ -30,7 +30,7 @@ ev 10h --method 10h
 python scripts/train_grpo.py --data $DATA --run-dir $RUNS/grpo "${TASK[@]}" "${LORA[@]}" --lr 1e-4 \
   --init-adapter $RUNS/sft/checkpoints/step_16/adapter --max-steps $GRPO_STEPS --save-every 5 --val-every 0 --resume
 ev grpo --method duet --generator $M --adapter $RUNS/grpo/checkpoints/step_$GRPO_STEPS/adapter
-ev zero-shot --method duet --generator $M
 ev sft --method duet --generator $M --adapter $RUNS/sft/checkpoints/step_16/adapter
+ev zero-shot --method duet --generator $M
 for x in zero-shot sft grpo; do python scripts/evaluate.py --paired $OUT/10h $OUT/$x --fallback; done
 for x in sft grpo; do python scripts/evaluate.py --paired $OUT/zero-shot $OUT/$x --fallback; done
