@@ -4,7 +4,10 @@ Before training a profile writer (GRPO, DPO) against a recommender, measure what
 the recommender scores each example with no profile (10H: the recent history only) and with template profiles that
 state a rating (a constant, the user's average before the target, the item's average) or, as only a writer that
 sees the target can (DUET), a per-target rating: the bias estimate u + i - mu from the two averages DUET's prompt
-shows, and a biased MF's prediction (fit on train only). If no template beats "none" by more than the noise, no
+shows, and a biased MF's prediction (fit on train only). On the synthetic catalogue, whose titles name each album's
+mood, genre and era, also what a writer could read off the user's own ratings: a per-target estimate from the items
+sharing the target's mood and genre, over the ratings the writer is shown (--shown) or a longer history (--read),
+and the same history as text (the dislikes it shows). If no template beats "none" by more than the noise, no
 trained writer will show a lower validation MAE with that recommender either.
 
     python scripts/profile_headroom.py --examples 96            # SmolLM2-135M-Instruct on the synthetic default
@@ -19,21 +22,68 @@ against "none".
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def templates(hx, fill: float, mf, seen: int = 8):
+ATTRS = re.compile(r"\((\S+) (.+), (\d{4}s)\)$")  # a synthetic title's "(mood genre, era)"
+
+
+def attribute_estimate(history, title):
+    """A per-target rating from the user's rated items alone: their mean, plus how far the items sharing the target's
+    genre and those sharing its mood fall from it (0 for an attribute not met). None when the title has no
+    "(mood genre, era)" or the history is empty. This is what a writer reading `history` could compute."""
+    m = ATTRS.search(title)
+    if m is None or not history:
+        return None
+    parsed = [(ATTRS.search(h.title), h.rating) for h in history]
+    base = sum(r for _, r in parsed) / len(parsed)
+    est = base
+    for k in (1, 2):  # mood, genre
+        same = [r for a, r in parsed if a is not None and a.group(k) == m.group(k)]
+        est += sum(same) / len(same) - base if same else 0.0
+    return est
+
+
+def disliked_attributes(history, below: float = 3.0, min_count: int = 2):
+    """Moods and genres whose items the user rated below `below` on average (at least `min_count` of them), in
+    order of first appearance: the dislikes a writer could read off `history`."""
+    seen = {}
+    for h in history:
+        m = ATTRS.search(h.title)
+        for word in (m.group(1), m.group(2)) if m else ():
+            seen.setdefault(word, []).append(h.rating)
+    return [w for w, rs in seen.items() if len(rs) >= min_count and sum(rs) / len(rs) < below]
+
+
+def dislike_text(history):
+    d = disliked_attributes(history)
+    return f"Dislikes {' and '.join(d)} albums; rates them low." if d else "No strong dislikes."
+
+
+def target_dislike_text(history, title):
+    m = ATTRS.search(title)
+    hit = [w for w in disliked_attributes(history) if m and w in (m.group(1), m.group(2))]
+    return f"This album is {' and '.join(hit)}, which the user dislikes." if hit else \
+        "Nothing in this album is something the user dislikes."
+
+
+def templates(hx, fill: float, mf, seen: int = 8, read: int = 50):
     """name -> (user profile or None, item profile or None) as functions of an example. `mf(x)`: a biased MF's
-    prediction for the example (fit on train only); `seen`: how many of the user's ratings a writer's prompt shows."""
+    prediction for the example (fit on train only); `seen`: how many of the user's ratings a writer's prompt shows;
+    `read`: the longer history a writer could be given (the per-target attribute estimate)."""
     ua = lambda x: hx.user_average(x.user_id, x.timestamp)  # noqa: E731
     shown = lambda x: [h.rating for h in hx.user_history(x.user_id, x.timestamp, seen, review_chars=0)]  # noqa: E731
     sa = lambda x: sum(shown(x)) / len(shown(x)) if shown(x) else None  # noqa: E731
     ia = lambda x: hx.item_average(x.item_id, x.timestamp)  # noqa: E731
     f = lambda v: fill if v is None else v  # noqa: E731  (no interaction before: the train mean)
     clip = lambda v: min(5, max(1, round(v)))  # noqa: E731
+    title = lambda x: hx.ds.items[x.item_id].title if x.item_id in hx.ds.items else ""  # noqa: E731
+    past = lambda x, k: hx.user_history(x.user_id, x.timestamp, k, review_chars=0)  # noqa: E731
+    attr = lambda x, k: attribute_estimate(past(x, k), title(x))  # noqa: E731
     bias = lambda x: f(ua(x)) + f(ia(x)) - fill  # noqa: E731  (mu + b_u + b_i from the two averages DUET shows)
     return {
         "none (10H)": (lambda x: None, lambda x: None),
@@ -51,6 +101,14 @@ def templates(hx, fill: float, mf, seen: int = 8):
                                                          lambda x: None),
         "user: Would rate this about round(MF)/5.": (lambda x: f"Would rate this album about {clip(mf(x))}/5.",
                                                      lambda x: None),
+        # per target, from the user's own ratings of items sharing the target's mood or genre
+        "user: Would rate this about round(attributes, shown)/5.":
+            (lambda x: f"Would rate this album about {clip(f(attr(x, seen)))}/5.", lambda x: None),
+        "user: Would rate this about round(attributes, read)/5.":
+            (lambda x: f"Would rate this album about {clip(f(attr(x, read)))}/5.", lambda x: None),
+        # the same history as text: the dislikes it shows, in general and for this target
+        "user: Dislikes (read)": (lambda x: dislike_text(past(x, read)), lambda x: None),
+        "user: target disliked? (read)": (lambda x: target_dislike_text(past(x, read), title(x)), lambda x: None),
     }
 
 
@@ -65,6 +123,7 @@ def main(argv=None):
                    help="which --examples: the trainers' validation order, or evaluate.py's --limit subset")
     p.add_argument("--review-chars", type=int, default=200, help="review characters in the recommender's prompt")
     p.add_argument("--shown", type=int, default=8, help="ratings a writer's prompt shows (--user-history)")
+    p.add_argument("--read", type=int, default=50, help="history items behind the 'attributes, read' template")
     p.add_argument("--only", default="", help="comma-separated substrings: run only the templates naming one")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
@@ -103,7 +162,7 @@ def main(argv=None):
     preds = {}
     only = [w for w in a.only.split(",") if w]
     for name, (uf, itf) in templates(hx, fill, lambda x: mf_of[(x.user_id, x.item_id, x.timestamp)],
-                                     a.shown).items():
+                                     a.shown, a.read).items():
         if only and name != "none (10H)" and not any(w in name for w in only):
             continue
         ex = [rec_example(hx, ds, x, uf(x), itf(x), a.review_chars) for x in rows]

@@ -264,6 +264,25 @@ def test_profile_headroom_script(ds_dir, capsys):
     assert out["user_mean_baseline"] == pytest.approx((1.5 + 0.5) / 2)
 
 
+def test_headroom_reads_attributes_off_a_history():
+    """The history-derived templates of profile_headroom: the attribute estimate is the mean plus the deviations of
+    the items sharing the target's mood and genre; dislikes are the attributes rated below 3 at least twice."""
+    from data.history import HistoryEntry
+    from profile_headroom import attribute_estimate, disliked_attributes, target_dislike_text
+
+    h = [HistoryEntry(str(i), f"A B ({mood} {genre}, 1990s)", r, "", i) for i, (mood, genre, r) in enumerate(
+        [("dark", "hip hop", 2), ("calm", "jazz", 5), ("dark", "jazz", 3), ("calm", "hip hop", 2), ("calm", "jazz", 4)])]
+    base = 16 / 5
+    # mood dark: 2, 3 -> 2.5; genre jazz: 5, 3, 4 -> 4.0
+    assert attribute_estimate(h, "X Y (dark jazz, 1970s)") == pytest.approx(base + (2.5 - base) + (4.0 - base))
+    # mood upbeat never met: only the genre moves it; hip hop (a two-word genre): 2, 2
+    assert attribute_estimate(h, "X Y (upbeat hip hop, 1970s)") == pytest.approx(base + (2.0 - base))
+    assert attribute_estimate(h, "no attributes") is None and attribute_estimate([], "X (dark jazz, 1970s)") is None
+    assert disliked_attributes(h) == ["dark", "hip hop"]  # calm: 5, 2, 4 -> 3.67; jazz 4.0
+    assert target_dislike_text(h, "X Y (calm hip hop, 2000s)") == "This album is hip hop, which the user dislikes."
+    assert target_dislike_text(h, "X Y (calm jazz, 2000s)").startswith("Nothing")
+
+
 def test_script_out_and_compare(ds_dir, tmp_path, capsys):
     import evaluate as script
 
