@@ -96,6 +96,13 @@ def oracle_text(u):
 _TITLE_ATTRS = re.compile(r"\((?P<mood>[a-z]+) (?P<genre>[a-z ]+), (?P<era>\d{4}s)\)$")
 
 
+def title_attributes(title: str):
+    """"Quiet Stars (upbeat metal, 1990s)" -> {"mood": "upbeat", "genre": "metal", "era": "1990s"}; None for a
+    title that does not end in "(mood genre, era)" (an item not from this generator)."""
+    m = _TITLE_ATTRS.search(title)
+    return m.groupdict() if m else None
+
+
 def oracle_pair_profile(taste: dict, title: str) -> str:
     """The oracle profile of a (user, item) pair: the user's hidden taste applied to the item's attributes.
 
@@ -106,7 +113,7 @@ def oracle_pair_profile(taste: dict, title: str) -> str:
     (user, item) pair). The realised rating adds noise (sd NOISE) and rounding, so the oracle is not exact.
     The user's taste alone, as text, did not move SmolLM2-135M's prediction at all (results/README.md).
     """
-    m = _TITLE_ATTRS.search(title)
+    m = title_attributes(title)
     if m is None:
         raise ValueError(f"not a synthetic title (expected '... (mood genre, era)'): {title!r}")
     mood, genre, era = m["mood"], m["genre"], m["era"]

@@ -1,4 +1,5 @@
-"""Classic rating baselines without any LLM: global mean, user mean, item mean, biased matrix factorisation.
+"""Classic rating baselines without any LLM: global mean, user mean, item mean, biased matrix factorisation, and
+on the synthetic catalogue the attribute estimate a reader of the user's own rated titles can compute.
 
 Each is a class with fit(train_triples, valid_triples=None) and predict(user_ids, item_ids) -> np.ndarray,
 where a triple is (user_id: str, item_id: str, rating: float). Unknown users/items fall back to the global
@@ -200,3 +201,22 @@ class BiasedMF:
             raise ValueError(f"{len(user_ids)} user ids but {len(item_ids)} item ids")
         u, i = self._index([str(x) for x in user_ids], [str(x) for x in item_ids])
         return self._predict_idx(u, i, self.bu, self.bi, self.P, self.Q).numpy()
+
+
+def attribute_estimate(history, title: str):
+    """A per-target rating from the user's rated items alone (synthetic titles name mood, genre and era): their
+    mean, plus how far the items sharing the target's mood, and those sharing its genre, fall from that mean (0 for
+    an attribute not met). history: entries with .title and .rating (data.history.HistoryEntry). None when the
+    title names no attributes or the history is empty. What a profile writer shown `history` could compute."""
+    from data.synthetic import title_attributes
+
+    target = title_attributes(title)
+    if target is None or not history:
+        return None
+    rated = [(title_attributes(h.title), h.rating) for h in history]
+    base = sum(r for _, r in rated) / len(rated)
+    est = base
+    for key in ("mood", "genre"):
+        same = [r for a, r in rated if a is not None and a[key] == target[key]]
+        est += sum(same) / len(same) - base if same else 0.0
+    return est

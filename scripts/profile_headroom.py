@@ -22,39 +22,21 @@ against "none".
 """
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-ATTRS = re.compile(r"\((\S+) (.+), (\d{4}s)\)$")  # a synthetic title's "(mood genre, era)"
-
-
-def attribute_estimate(history, title):
-    """A per-target rating from the user's rated items alone: their mean, plus how far the items sharing the target's
-    genre and those sharing its mood fall from it (0 for an attribute not met). None when the title has no
-    "(mood genre, era)" or the history is empty. This is what a writer reading `history` could compute."""
-    m = ATTRS.search(title)
-    if m is None or not history:
-        return None
-    parsed = [(ATTRS.search(h.title), h.rating) for h in history]
-    base = sum(r for _, r in parsed) / len(parsed)
-    est = base
-    for k in (1, 2):  # mood, genre
-        same = [r for a, r in parsed if a is not None and a.group(k) == m.group(k)]
-        est += sum(same) / len(same) - base if same else 0.0
-    return est
-
-
 def disliked_attributes(history, below: float = 3.0, min_count: int = 2):
     """Moods and genres whose items the user rated below `below` on average (at least `min_count` of them), in
     order of first appearance: the dislikes a writer could read off `history`."""
+    from data.synthetic import title_attributes
+
     seen = {}
     for h in history:
-        m = ATTRS.search(h.title)
-        for word in (m.group(1), m.group(2)) if m else ():
+        a = title_attributes(h.title)
+        for word in (a["mood"], a["genre"]) if a else ():
             seen.setdefault(word, []).append(h.rating)
     return [w for w, rs in seen.items() if len(rs) >= min_count and sum(rs) / len(rs) < below]
 
@@ -65,13 +47,17 @@ def dislike_text(history):
 
 
 def target_dislike_text(history, title):
-    m = ATTRS.search(title)
-    hit = [w for w in disliked_attributes(history) if m and w in (m.group(1), m.group(2))]
+    from data.synthetic import title_attributes
+
+    a = title_attributes(title)
+    hit = [w for w in disliked_attributes(history) if a and w in (a["mood"], a["genre"])]
     return f"This album is {' and '.join(hit)}, which the user dislikes." if hit else \
         "Nothing in this album is something the user dislikes."
 
 
 def templates(hx, fill: float, mf, seen: int = 8, read: int = 50):
+    from eval.baselines import attribute_estimate
+
     """name -> (user profile or None, item profile or None) as functions of an example. `mf(x)`: a biased MF's
     prediction for the example (fit on train only); `seen`: how many of the user's ratings a writer's prompt shows;
     `read`: the longer history a writer could be given (the per-target attribute estimate)."""
@@ -133,7 +119,7 @@ def main(argv=None):
     from data import load_dataset
     from data.default import default_dataset_dir
     from data.history import HistoryIndex
-    from eval.baselines import BiasedMF
+    from eval.baselines import BiasedMF, attribute_estimate
     from eval.evaluate import build_examples
     from eval.metrics import paired_mae_difference
     from eval.recommender import Recommender
@@ -175,7 +161,11 @@ def main(argv=None):
     for name, pr in preds.items():
         d = paired_mae_difference(y, preds["none (10H)"], pr)
         out[name] = {"mae": round(d["mae_b"], 4), "diff_vs_none": round(d["diff"], 4), "se": round(d["se"], 4)}
+    att = [attribute_estimate(hx.user_history(x.user_id, x.timestamp, a.read, review_chars=0), ds.items[x.item_id].title)
+           if x.item_id in ds.items else None for x in rows]
+    out["attribute_baseline"] = sum(abs((fill if v is None else v) - t) for v, t in zip(att, y)) / len(rows)
     print(f"user-mean baseline (no LLM) MAE {out['user_mean_baseline']:.4f}")
+    print(f"attribute estimate over {a.read} items (no LLM) MAE {out['attribute_baseline']:.4f}")
     print(json.dumps(out))
 
 

@@ -265,10 +265,11 @@ def test_profile_headroom_script(ds_dir, capsys):
 
 
 def test_headroom_reads_attributes_off_a_history():
-    """The history-derived templates of profile_headroom: the attribute estimate is the mean plus the deviations of
+    """The history-derived templates of profile_headroom: the attribute estimate (eval.baselines) is the mean plus the deviations of
     the items sharing the target's mood and genre; dislikes are the attributes rated below 3 at least twice."""
     from data.history import HistoryEntry
-    from profile_headroom import attribute_estimate, disliked_attributes, target_dislike_text
+    from eval.baselines import attribute_estimate
+    from profile_headroom import disliked_attributes, target_dislike_text
 
     h = [HistoryEntry(str(i), f"A B ({mood} {genre}, 1990s)", r, "", i) for i, (mood, genre, r) in enumerate(
         [("dark", "hip hop", 2), ("calm", "jazz", 5), ("dark", "jazz", 3), ("calm", "hip hop", 2), ("calm", "jazz", 4)])]

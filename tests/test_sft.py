@@ -182,3 +182,18 @@ def test_teacher_pairs_are_the_env_prompts_with_a_parsable_answer(tmp_path, caps
         parsed, reason = parse_duet("<user_profile><cue>" + r["completion"])
         assert reason == "ok", reason
         assert parsed.user_profile == f"Usually rates {round(hx.user_average(x.user_id, x.timestamp))}/5."
+
+    # --teacher attributes: the target's rating read off exactly the 6 ratings the prompt shows
+    from eval.baselines import attribute_estimate
+
+    script_function("make_sft_pairs", "main")(["--data", str(data), "--out", str(out), "--targets", "5",
+                                               "--user-history", "6", "--item-history", "2", "--review-chars", "40",
+                                               "--teacher", "attributes"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    for r, x in zip(rows, targets):
+        assert r["messages"] == profile_messages("duet", hx, ds, x, HistoryOptions(6, 2, 40))
+        parsed, reason = parse_duet("<user_profile><cue>" + r["completion"])
+        assert reason == "ok", reason
+        est = attribute_estimate(hx.user_history(x.user_id, x.timestamp, 6), ds.items[x.item_id].title)
+        n = min(5, max(1, round(est)))
+        assert parsed.user_profile == f"Would rate this album about {n}/5."
