@@ -163,9 +163,12 @@ def load_pairs(path: Path) -> list[Pair]:
 
 
 def make_pairs(cfg: SFTConfig, models: loop.Models, env: Env | None, run: loop.Run, d: dist.Dist) -> list[Pair]:
-    """The run's pairs: read back from the run directory when they exist (a resumed run), else made and saved."""
+    """The run's pairs: a resumed run reads back the ones it was started with; a run from step 0 makes them (and
+    replaces any left in the run directory by an earlier run, which may have had other --pairs or settings)."""
     path = Path(cfg.run_dir) / PAIRS_FILE
-    if path.exists():
+    if run.start > 0:
+        if not path.exists():
+            raise DataError(f"{path}: missing; a resumed SFT run reads back the pairs it was started with")
         return load_pairs(path)
     if cfg.source == "jsonl":
         pairs, summary = jsonl_pairs(cfg, models.tokenizer), {}

@@ -111,6 +111,12 @@ def test_jsonl_pairs_are_learnt_and_bad_lines_named(tmp_path):
     losses = [r["train/loss"] for r in read_metrics(run) if "train/loss" in r]
     assert losses[-1] < 0.25 * losses[0], losses
     assert len(load_pairs(run / PAIRS_FILE)) == 5
+    # the same run directory started again from step 0 (no checkpoint to resume) with other pairs: those are fitted,
+    # not the ones the earlier run left there
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    train(cfg_from([*TOY, "--model", str(model), "--source", "jsonl", "--pairs", str(pairs), "--run-dir", str(run),
+                    "--batch-pairs", "3", "--max-steps", "1", "--resume"]))
+    assert len(load_pairs(run / PAIRS_FILE)) == 3
 
     from data.io import DataError
 
