@@ -56,11 +56,11 @@ def target_dislike_text(history, title):
 
 
 def templates(hx, fill: float, mf, seen: int = 8, read: int = 50):
-    from eval.baselines import attribute_estimate
-
     """name -> (user profile or None, item profile or None) as functions of an example. `mf(x)`: a biased MF's
     prediction for the example (fit on train only); `seen`: how many of the user's ratings a writer's prompt shows;
     `read`: the longer history a writer could be given (the per-target attribute estimate)."""
+    from eval.baselines import attribute_estimate
+
     ua = lambda x: hx.user_average(x.user_id, x.timestamp)  # noqa: E731
     shown = lambda x: [h.rating for h in hx.user_history(x.user_id, x.timestamp, seen, review_chars=0)]  # noqa: E731
     sa = lambda x: sum(shown(x)) / len(shown(x)) if shown(x) else None  # noqa: E731
