@@ -342,3 +342,26 @@ def test_ranking_by_hand(ds_dir, capsys):
     rows = lambda *p: [{"prediction": x} for x in p]  # noqa: E731
     r = E.ranking_from_predictions(rows(None, 4.0), rows(1.0, 2.0, None, 5.0), 2)
     assert r["mrr"] == pytest.approx((1 / 3 + 1 / 2) / 2)  # None vs (1, 2): 3rd, with ties pessimistic; 4 vs (None, 5): 2nd
+
+
+def test_profile_agreement_by_hand(ds_dir, tmp_path, capsys):
+    """scripts/profile_agreement.py: the N/5 each profile states against the two teachers, computed by hand."""
+    import profile_agreement
+
+    # test targets: u1 a at t=7 (before: a 5 calm jazz, b 4 dark metal, c 3 upbeat rock; mean 4, calm and jazz 5:
+    # 4 + 1 + 1 -> 5; average 4); u2 c at t=8 (a 2, c 1 upbeat rock, b 2; mean 5/3, upbeat and rock 1: 1/3 -> 1;
+    # average 5/3 -> 2); u1 b at t=9 (a 5, b 4, c 3, a 4; mean 4, dark and metal 4 -> 4; average 4)
+    rows = [("u1", "a", "Would rate this album about 5/5."), ("u2", "c", "Usually rates 2/5."), ("u1", "b", "Likes jazz.")]
+    d = tmp_path / "ev"
+    d.mkdir()
+    (d / "predictions.jsonl").write_text("".join(json.dumps({"user_id": u, "item_id": i, "user_profile": p}) + "\n"
+                                                 for u, i, p in rows))
+    profile_agreement.main([str(d), "--data", str(ds_dir)])
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 3 and out["stated"] == {"2": 1, "5": 1, "None": 1}
+    assert out["teacher_attributes"] == {"1": 1, "4": 1, "5": 1} and out["teacher_average"] == {"2": 1, "4": 2}
+    assert out["agree_attributes"] == 1 and out["agree_average"] == 1
+    assert out["attributes_vs_stated"] == {"1->2": 1, "4->None": 1, "5->5": 1}
+    (d / "predictions.jsonl").write_text(json.dumps({"user_id": "u1", "item_id": "c", "user_profile": ""}) + "\n")
+    with pytest.raises(SystemExit, match="line 1"):  # u1 c is a valid-split interaction, not a test one
+        profile_agreement.main([str(d), "--data", str(ds_dir)])
