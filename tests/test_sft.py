@@ -15,7 +15,7 @@ from rl.rollout import completion_logprobs, make_batch
 from rl.sft import best_of_n, sft_loss
 from rl.sft_trainer import PAIRS_FILE, PRESETS, SFTConfig, load_pairs, train
 from rl.tracking import read_metrics
-from tests.tiny import STORIES, one_thread, tiny_chat_model  # noqa: F401 (autouse fixture)
+from tests.tiny import STORIES, one_thread, script_function, tiny_chat_model  # noqa: F401 (autouse fixture)
 
 TOY = ["--env", "toy", "--model", str(STORIES), "--max-new-tokens", "12", "--val-every", "0", "--save-every", "0",
        "--device", "cpu", "--micro-batch-rows", "2"]
@@ -203,3 +203,35 @@ def test_teacher_pairs_are_the_env_prompts_with_a_parsable_answer(tmp_path, caps
         est = attribute_estimate(hx.user_history(x.user_id, x.timestamp, 6), ds.items[x.item_id].title)
         n = min(5, max(1, round(est)))
         assert parsed.user_profile == f"Would rate this album about {n}/5."
+
+
+def test_probe_teacher_rating_reads_the_digit_after_the_teacher_text():
+    """scripts/probe_teacher_rating.py: the pick is the most likely of the digits 1-5 at the last position of
+    prompt + completion up to its first "N/5" (a fake model whose last position favours "3", an earlier one "5"),
+    and each pair counts under its teacher's N."""
+    from eval.profiles import encode_prompt
+    from model.hub import resolve_model
+
+    probe = script_function("probe_teacher_rating", "probe")
+    split = script_function("probe_teacher_rating", "split_at_rating")
+    tok = load_tokenizer(resolve_model("default"))
+    assert split("<cue>would rate this album 2/5</cue>...about 2/5.") == ("<cue>would rate this album ", 2)
+    assert split("no rating") is None
+    three = tok.encode("rates 3", add_special_tokens=False)[-1]
+    five = tok.encode("rates 5", add_special_tokens=False)[-1]
+    assert tok.decode([three]).strip() == "3" and tok.decode([five]).strip() == "5"
+    seen = []
+
+    def fake(ids):  # (1, T) -> (1, T, V)
+        seen.append(ids[0].tolist())
+        logits = torch.zeros(1, ids.shape[1], tok.vocab_size)
+        logits[0, -1, three], logits[0, -2, five] = 1.0, 2.0
+        return logits
+
+    msgs = [{"role": "user", "content": "Write the profiles."}]
+    rows = [(msgs, "usually rates 3/5</cue>"), (msgs, "would rate this album 5/5</cue>"),
+            (msgs, "x</cue><profile>Usually rates 3/5.</profile>"), (msgs, "no rating here")]
+    out = probe(fake, tok, rows, "<user_profile><cue>")
+    assert out == {"n": 3, "right": 2, "by_teacher_rating": {"3": "2/2", "5": "0/1"}, "picked": {"3": 3}}
+    assert seen[1] == encode_prompt(tok, msgs, 4096, "<user_profile><cue>") + tok.encode(
+        "would rate this album ", add_special_tokens=False)
