@@ -42,7 +42,7 @@ def agreement(rows, ds, hx, split: str, history: int) -> dict:
     for line, r in enumerate(rows, 1):
         xs = by_pair.get((r["user_id"], r["item_id"]))
         if not xs or len(xs) > 1:
-            raise SystemExit(f"predictions line {line}: ({r['user_id']}, {r['item_id']}) matches "
+            raise SystemExit(f"predictions.jsonl line {line}: ({r['user_id']}, {r['item_id']}) matches "
                              f"{len(xs or [])} {split} interactions of the dataset, not one")
         x, s = xs[0], stated_rating(r.get("user_profile"))
         avg = hx.user_average(x.user_id, x.timestamp)
@@ -77,7 +77,15 @@ def main(argv=None):
         path = Path(d) / "predictions.jsonl"
         if not path.is_file():
             raise SystemExit(f"{path}: not found (an evaluate.py --out folder of a profile method)")
-        rows = [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+        rows = []
+        for n, t in enumerate(path.read_text().splitlines(), 1):
+            try:
+                r = json.loads(t) if t.strip() else None
+                if r is not None and not all(k in r for k in ("user_id", "item_id")):
+                    raise ValueError("no user_id / item_id")
+            except ValueError as e:
+                raise SystemExit(f"{path}:{n}: not a prediction record ({e})") from e
+            rows += [r] if r is not None else []
         print(json.dumps({"dir": d, **agreement(rows, ds, hx, a.split, a.profile_history)}))
 
 

@@ -365,3 +365,6 @@ def test_profile_agreement_by_hand(ds_dir, tmp_path, capsys):
     (d / "predictions.jsonl").write_text(json.dumps({"user_id": "u1", "item_id": "c", "user_profile": ""}) + "\n")
     with pytest.raises(SystemExit, match="line 1"):  # u1 c is a valid-split interaction, not a test one
         profile_agreement.main([str(d), "--data", str(ds_dir)])
+    (d / "predictions.jsonl").write_text(json.dumps({"user_id": "u1", "item_id": "a"}) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"predictions.jsonl:2: not a prediction record"):
+        profile_agreement.main([str(d), "--data", str(ds_dir)])
